@@ -1,0 +1,1 @@
+"""Invoices, lines, payments, payment methods and Stripe webhooks (the invoices issue)."""

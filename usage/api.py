@@ -1,0 +1,329 @@
+"""The metering API, /api/v1/ (DESIGN §7). django-ninja generates /api/v1/openapi.json from these
+schemas; the API key, rate limits and headers are applied by usage.api_middleware."""
+
+import uuid
+from datetime import date, datetime, timedelta
+from typing import Annotated, Literal
+
+from django.http import Http404
+from ninja import Field, NinjaAPI, Query, Schema
+from ninja.errors import HttpError, ValidationError
+from ninja.security import HttpBearer
+from pydantic import ConfigDict, StrictBool, StrictInt, StringConstraints
+
+from accounts import clock
+from billing_site.errors import BillingError
+from billing_site.money import dollars
+from usage import selectors, services
+from usage.api_middleware import error_response
+from usage.models import Job
+
+
+class ApiKeyAuth(HttpBearer):
+    """The key was already checked by the middleware; this declares it in the OpenAPI document."""
+
+    def __call__(self, request):
+        return getattr(request, "api_key", None)
+
+    def authenticate(self, request, token):  # pragma: no cover - __call__ answers
+        return getattr(request, "api_key", None)
+
+
+api = NinjaAPI(
+    title="Metering API",
+    version="1.0",
+    description="Credits, jobs and usage for the document-AI API. Authenticate with `Authorization: Bearer <api key>`.",
+    urls_namespace="api",
+    docs_url=None,
+    auth=ApiKeyAuth(),
+)
+
+
+# --- errors: one envelope ---------------------------------------------------------------------
+
+
+def _first_problem(errors: list[dict]) -> str:
+    if not errors:
+        return "Invalid request."
+    e = errors[0]
+    where = ".".join(str(part) for part in e.get("loc", ()) if part not in ("body", "payload", "query"))
+    message = e.get("msg", "is invalid")
+    if e.get("type") == "missing":
+        message = "is required"
+    elif e.get("type") == "extra_forbidden":
+        message = "is not a field of this request"
+    return f"{where}: {message}" if where else message
+
+
+@api.exception_handler(ValidationError)
+def _validation_error(request, exc):
+    return error_response(
+        request, 400, "INVALID_ARGUMENT", _first_problem(exc.errors), {"errors": _plain(exc.errors)}
+    )
+
+
+def _plain(errors):
+    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in errors][:20]
+
+
+@api.exception_handler(BillingError)
+def _billing_error(request, exc):
+    response = error_response(request, exc.status, exc.code, exc.message, exc.details)
+    if exc.status == 429 and "retry_after" in exc.details:
+        response["Retry-After"] = str(exc.details["retry_after"])
+    return response
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc):
+    code = (
+        "INVALID_ARGUMENT"
+        if exc.status_code == 400
+        else "UNAUTHENTICATED"
+        if exc.status_code == 401
+        else "INVALID_ARGUMENT"
+    )
+    message = "Malformed JSON body." if exc.status_code == 400 else str(exc)
+    return error_response(request, exc.status_code, code, message)
+
+
+@api.exception_handler(Http404)
+def _not_found(request, exc):
+    return error_response(request, 404, "NOT_FOUND", "Not found.")
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+Slug = Annotated[str, StringConstraints(min_length=1, max_length=30)]
+Count = Annotated[StrictInt, Field(ge=1)]
+
+
+class Strict(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Schema):
+    code: str
+    message: str
+    request_id: str
+    details: dict
+
+
+class ErrorOut(Schema):
+    success: Literal[False]
+    error: ErrorBody
+
+
+class JobIn(Strict):
+    product: Slug
+    mode: Slug = "base"
+    ocr: StrictBool = False
+    pages: Annotated[StrictInt, Field(ge=1, le=services.MAX_PAGES_PER_JOB)]
+    file_type: Literal["pdf", "docx", "xlsx", "pptx"]
+    file_size: Count = Field(description="Bytes")
+
+
+class JobStarted(Schema):
+    id: uuid.UUID
+    status: Literal["running"]
+    credits_reserved: int
+
+
+class CompleteIn(Strict):
+    pages: Annotated[StrictInt, Field(ge=1, le=services.MAX_PAGES_PER_JOB)] | None = None
+
+
+class JobFinished(Schema):
+    id: uuid.UUID
+    status: Literal["succeeded", "failed"]
+    credits_charged: int
+
+
+class JobOut(Schema):
+    id: uuid.UUID
+    status: Literal["running", "succeeded", "failed"]
+    product: str
+    mode: str
+    ocr: bool
+    pages: int
+    file_type: str
+    file_size: int
+    credits_reserved: int
+    credits_charged: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class OverageOut(Schema):
+    enabled: bool
+    credits: int
+    amount: str = Field(description="Dollars, two decimals")
+    cap: str | None = Field(description="Dollars per month, two decimals; null for no cap")
+
+
+class BucketOut(Schema):
+    bucket: Literal["plan", "bonus", "purchased"]
+    credits: int
+    expires_at: datetime | None
+
+
+class BalanceOut(Schema):
+    plan: str
+    credits_remaining: int
+    credits_included: int
+    credits_used_this_period: int
+    period_start: datetime
+    period_end: datetime
+    overage: OverageOut
+    buckets: list[BucketOut]
+
+
+class UsageQuery(Schema):
+    start: date | None = None
+    end: date | None = None
+    group_by: Literal["day", "product", "mode"] = "day"
+
+
+class UsageRowOut(Schema):
+    key: str
+    credits: int
+    units: int
+
+
+class UsageOut(Schema):
+    start: date
+    end: date
+    total_credits: int
+    rows: list[UsageRowOut]
+
+
+class EventIn(Strict):
+    id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    product: Slug
+    mode: Slug
+    units: Count
+    timestamp: datetime
+
+
+class EventsIn(Strict):
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=services.MAX_EVENTS_PER_BATCH)]
+
+
+class EventsAccepted(Schema):
+    accepted: int
+    duplicates: int
+
+
+ERRORS = {
+    400: ErrorOut,
+    401: ErrorOut,
+    402: ErrorOut,
+    404: ErrorOut,
+    409: ErrorOut,
+    413: ErrorOut,
+    429: ErrorOut,
+}
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@api.get("/balance", response={200: BalanceOut, **ERRORS})
+def balance(request):
+    b = selectors.balance_for(sub=request.api_key.org.subscription)
+    return {
+        "plan": b.plan_code,
+        "credits_remaining": b.credits_remaining,
+        "credits_included": b.credits_included,
+        "credits_used_this_period": b.credits_used_this_period,
+        "period_start": _iso(b.period_start),
+        "period_end": _iso(b.period_end),
+        "overage": {
+            "enabled": b.overage_enabled,
+            "credits": b.overage_credits,
+            "amount": dollars(b.overage_cents),
+            "cap": None if b.overage_cap_cents is None else dollars(b.overage_cap_cents),
+        },
+        "buckets": [
+            {
+                "bucket": g.bucket,
+                "credits": g.credits,
+                "expires_at": g.expires_at and _iso(g.expires_at),
+            }
+            for g in b.buckets
+        ],
+    }
+
+
+MAX_USAGE_DAYS = 366
+
+
+@api.get("/usage", response={200: UsageOut, **ERRORS})
+def usage(request, q: Query[UsageQuery]):
+    end = q.end or clock.today()
+    start = q.start or end - timedelta(days=29)
+    if start > end:
+        raise BillingError("INVALID_ARGUMENT", "start must be on or before end.", 400)
+    if (end - start).days >= MAX_USAGE_DAYS:
+        raise BillingError("INVALID_ARGUMENT", f"Ask for at most {MAX_USAGE_DAYS} days at a time.", 400)
+    rows = selectors.usage_rows(org_id=request.api_key.org_id, start=start, end=end, group_by=q.group_by)
+    return {
+        "start": start,
+        "end": end,
+        "total_credits": sum(r.credits for r in rows),
+        "rows": [{"key": r.key, "credits": r.credits, "units": r.units} for r in rows],
+    }
+
+
+@api.post("/jobs", response={201: JobStarted, **ERRORS})
+def job_create(request, payload: JobIn):
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise BillingError("INVALID_ARGUMENT", "Idempotency-Key must be 1 to 255 characters.", 400)
+    body = payload.model_dump()
+    job, _ = services.job_start(
+        sub=request.api_key.org.subscription,
+        req=services.JobRequest(**body),
+        idempotency_key=key,
+        body_hash=services.request_hash(body),
+    )
+    return 201, {"id": job.id, "status": "running", "credits_reserved": job.credits_reserved}
+
+
+def _job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise BillingError("NOT_FOUND", "No job with this id.", 404) from None
+
+
+@api.post("/jobs/{job_id}/complete", response={200: JobFinished, **ERRORS})
+def job_complete(request, job_id: str, payload: CompleteIn | None = None):
+    pages = payload.pages if payload else None
+    job = services.job_complete(org_id=request.api_key.org_id, job_id=_job_id(job_id), pages=pages)
+    return {"id": job.id, "status": "succeeded", "credits_charged": job.credits_charged}
+
+
+@api.post("/jobs/{job_id}/fail", response={200: JobFinished, **ERRORS})
+def job_fail(request, job_id: str):
+    job = services.job_fail(org_id=request.api_key.org_id, job_id=_job_id(job_id))
+    return {"id": job.id, "status": "failed", "credits_charged": 0}
+
+
+@api.get("/jobs/{job_id}", response={200: JobOut, **ERRORS})
+def job_detail(request, job_id: str):
+    job = Job.objects.filter(org_id=request.api_key.org_id, pk=_job_id(job_id)).first()
+    if job is None:
+        raise BillingError("NOT_FOUND", "No job with this id.", 404)
+    return job
+
+
+@api.post("/usage/events", response={202: EventsAccepted, **ERRORS})
+def usage_events(request, payload: EventsIn):
+    events = [services.EventIn(e.id, e.product, e.mode, e.units, e.timestamp) for e in payload.events]
+    accepted, duplicates = services.usage_events_record(sub=request.api_key.org.subscription, events=events)
+    return 202, {"accepted": accepted, "duplicates": duplicates}

@@ -1,0 +1,123 @@
+"""What every response under /api/v1/ gets, whatever view answers (DESIGN §7): the caller's API key
+checked, a request id, the rate limit counted and shown in RateLimit-* headers, and every error
+(401, 429, a stray 404 or 405, a 500) in the one JSON envelope."""
+
+import logging
+import secrets
+import time
+
+from django.conf import settings
+from django.http import JsonResponse
+
+from accounts.services import api_key_authenticate
+from usage import rate_limits
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1/"
+PUBLIC_PATHS = {"/api/v1/openapi.json"}
+ANONYMOUS_RPM = 60
+
+STATUS_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    402: "INSUFFICIENT_CREDITS",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "FILE_TOO_LARGE",
+    429: "RESOURCE_EXHAUSTED",
+}
+
+
+def error_response(
+    request, status: int, code: str, message: str, details: dict | None = None
+) -> JsonResponse:
+    body = {
+        "success": False,
+        "error": {
+            "code": code,
+            "message": message,
+            "request_id": getattr(request, "request_id", ""),
+            "details": details or {},
+        },
+    }
+    return JsonResponse(body, status=status)
+
+
+def _client_address(request) -> str:
+    return request.META.get("REMOTE_ADDR", "unknown")
+
+
+class MeteringApiMiddleware:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if not request.path.startswith(API_PREFIX):
+            return self.get_response(request)
+        request.request_id = f"req_{secrets.token_hex(12)}"
+        request.api_key = None
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            request.api_key = api_key_authenticate(header[7:].strip())
+        if request.api_key is not None:
+            sub = request.api_key.org.subscription
+            window = rate_limits.hit(f"org:{sub.org_id}", sub.rpm)
+        else:
+            window = rate_limits.hit(f"ip:{_client_address(request)}", ANONYMOUS_RPM)
+        now = time.time()
+        if not window.allowed:
+            wait = window.retry_after(now)
+            response = error_response(
+                request,
+                429,
+                "RESOURCE_EXHAUSTED",
+                f"Rate limit exceeded. Please retry after {wait} seconds.",
+                {"retry_after": wait},
+            )
+        elif request.api_key is None and request.path not in PUBLIC_PATHS:
+            response = error_response(
+                request,
+                401,
+                "UNAUTHENTICATED",
+                "Missing, unknown or revoked API key: send Authorization: Bearer <api key>.",
+            )
+        else:
+            response = self.get_response(request)
+            if response.status_code >= 400 and response.get("Content-Type", "") != "application/json":
+                response = self._as_envelope(request, response)
+        if response.status_code == 429 and "Retry-After" not in response:
+            response["Retry-After"] = str(window.retry_after(now))
+        response["RateLimit-Limit"] = str(window.limit)
+        response["RateLimit-Remaining"] = str(window.remaining)
+        response["RateLimit-Reset"] = str(window.reset)
+        response["X-Request-Id"] = request.request_id
+        return response
+
+    def _as_envelope(self, request, response):
+        status = response.status_code
+        if status >= 500:
+            return error_response(
+                request,
+                status,
+                "INTERNAL",
+                "Something went wrong on our side; nothing was charged.",
+            )
+        message = {404: "Not found.", 405: f"{request.method} is not allowed here."}.get(
+            status, "Request refused."
+        )
+        return error_response(request, status, STATUS_CODES.get(status, "INVALID_ARGUMENT"), message)
+
+    def process_exception(self, request, exception):
+        if not request.path.startswith(API_PREFIX) or settings.DEBUG:
+            return None
+        logger.exception(
+            "Unhandled error in %s %s (%s)",
+            request.method,
+            request.path,
+            getattr(request, "request_id", ""),
+        )
+        return error_response(
+            request, 500, "INTERNAL", "Something went wrong on our side; nothing was charged."
+        )

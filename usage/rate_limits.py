@@ -1,0 +1,82 @@
+"""Fixed 60-second windows of requests per key (an organisation, or a client address).
+
+One interface, two stores: Redis when REDIS_URL is set (INCR + EXPIRE in one round trip), the
+database otherwise (one upsert that returns the count). Windows follow the wall clock, since
+RateLimit-Reset is a Unix time.
+"""
+
+import time
+from dataclasses import dataclass
+from functools import cache
+
+from django.conf import settings
+from django.db import connection
+
+from usage.models import RateCounter
+
+WINDOW_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Window:
+    limit: int
+    count: int
+    reset: int  # Unix time the window ends
+
+    @property
+    def allowed(self) -> bool:
+        return self.count <= self.limit
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.count)
+
+    def retry_after(self, now: float) -> int:
+        return max(1, int(self.reset - now + 0.999))
+
+
+class RedisCounter:
+    def __init__(self, url: str):
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+
+    def incr(self, key: str, window: int) -> int:
+        name = f"ratelimit:{key}:{window}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(name)
+        pipe.expire(name, WINDOW_SECONDS * 2)
+        count, _ = pipe.execute()
+        return int(count)
+
+
+class DatabaseCounter:
+    def incr(self, key: str, window: int) -> int:
+        table = RateCounter._meta.db_table
+        sql = (
+            f"INSERT INTO {table} (name, slot, count) VALUES (%s, %s, 1) "  # noqa: S608 (our table)
+            f"ON CONFLICT (name, slot) DO UPDATE SET count = {table}.count + 1 RETURNING count"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [key, window])
+            return cursor.fetchone()[0]
+
+
+@cache
+def _counter():
+    return RedisCounter(settings.REDIS_URL) if settings.REDIS_URL else DatabaseCounter()
+
+
+def hit(key: str, limit: int, now: float | None = None) -> Window:
+    """Counts one request for `key` (refused ones too) and returns its window."""
+    now = time.time() if now is None else now
+    window = int(now // WINDOW_SECONDS)
+    count = _counter().incr(key, window)
+    return Window(limit=limit, count=count, reset=(window + 1) * WINDOW_SECONDS)
+
+
+def forget_old(now: float | None = None) -> int:
+    """Deletes database counters of past windows (Redis expires its own)."""
+    now = time.time() if now is None else now
+    deleted, _ = RateCounter.objects.filter(slot__lt=int(now // WINDOW_SECONDS) - 1).delete()
+    return deleted

@@ -1,0 +1,118 @@
+"""Reads of credits and usage for the API and the pages."""
+
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from django.db.models import F, Sum
+
+from accounts.models import BillingPeriod, Subscription
+from billing_site.money import overage_cents
+from usage.models import Bucket, CreditAccount, CreditLot, Operation, UsageRollup
+
+_CATALOG_SECONDS = 30.0
+_catalog: tuple[float, dict[tuple[str, str], int]] | None = None
+
+
+def catalog_costs() -> dict[tuple[str, str], int]:
+    """{(product, mode): credits per unit}, cached per process for 30 s and dropped whenever
+    an operation is saved or deleted in this process."""
+    global _catalog
+    mono = time.monotonic()
+    if _catalog is None or mono - _catalog[0] > _CATALOG_SECONDS:
+        costs = {
+            (p, m): c for p, m, c in Operation.objects.values_list("product", "mode", "credits_per_unit")
+        }
+        _catalog = (mono, costs)
+    return _catalog[1]
+
+
+def catalog_forget(**_kwargs) -> None:
+    global _catalog
+    _catalog = None
+
+
+def products() -> list[str]:
+    return sorted({p for p, _ in catalog_costs()})
+
+
+@dataclass(frozen=True)
+class BucketBalance:
+    bucket: str
+    credits: int
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Balance:
+    plan_code: str
+    plan_name: str
+    credits_remaining: int
+    credits_included: int
+    credits_used_this_period: int
+    period_start: datetime
+    period_end: datetime
+    overage_enabled: bool
+    overage_credits: int
+    overage_cents: int
+    overage_cap_cents: int | None
+    buckets: list[BucketBalance]
+
+
+def balance_for(*, sub: Subscription) -> Balance:
+    """The organisation's balance, by bucket, for its current period."""
+    account = CreditAccount.objects.get(org_id=sub.org_id)
+    period = BillingPeriod.objects.get(pk=sub.current_period_id)
+    groups = (
+        CreditLot.objects.filter(org_id=sub.org_id, remaining__gt=0)
+        .values("bucket", "expires_at")
+        .annotate(credits=Sum("remaining"))
+        .order_by("bucket", F("expires_at").asc(nulls_last=True))
+    )
+    rate = sub.overage_rate
+    return Balance(
+        plan_code=sub.plan.code,
+        plan_name=sub.plan.name,
+        credits_remaining=account.balance,
+        credits_included=period.monthly_credits,
+        credits_used_this_period=period.credits_used,
+        period_start=period.start,
+        period_end=period.end,
+        overage_enabled=rate is not None,
+        overage_credits=period.overage_credits,
+        overage_cents=overage_cents(period.overage_credits, rate) if rate is not None else 0,
+        overage_cap_cents=sub.overage_cap_cents if rate is not None else None,
+        buckets=[BucketBalance(Bucket(g["bucket"]).label, g["credits"], g["expires_at"]) for g in groups],
+    )
+
+
+GROUPINGS = ("day", "product", "mode")
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key: str
+    credits: int
+    units: int
+
+
+def usage_rows(*, org_id: int, start: date, end: date, group_by: str) -> list[UsageRow]:
+    """Credits and units from the daily rollups, [start, end] inclusive, grouped by day (every day
+    of the range, zeros included), product or mode."""
+    field = {"day": "day", "product": "product", "mode": "mode"}[group_by]
+    sums = (
+        UsageRollup.objects.filter(org_id=org_id, day__gte=start, day__lte=end)
+        .values(field)
+        .annotate(credits=Sum("credits"), units=Sum("units"))
+        .order_by(field)
+    )
+    found = {row[field]: row for row in sums}
+    if group_by != "day":
+        return [UsageRow(k, r["credits"], r["units"]) for k, r in found.items()]
+    rows = []
+    day = start
+    while day <= end:
+        r = found.get(day)
+        rows.append(UsageRow(day.isoformat(), r["credits"] if r else 0, r["units"] if r else 0))
+        day += timedelta(days=1)
+    return rows
