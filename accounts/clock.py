@@ -6,6 +6,7 @@ per process.
 """
 
 import time
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 
 from django.utils import timezone
@@ -25,8 +26,25 @@ def offset() -> timedelta:
     return _cached[1]
 
 
+_travelled_to: datetime | None = None
+
+
 def now() -> datetime:
+    if _travelled_to is not None:
+        return _travelled_to
     return timezone.now() + offset()
+
+
+@contextmanager
+def travel(to: datetime):
+    """Within this block, this process's billing time stands still at `to` (for seeding history
+    and for tests); other processes and the stored clock are not touched."""
+    global _travelled_to
+    before, _travelled_to = _travelled_to, to
+    try:
+        yield
+    finally:
+        _travelled_to = before
 
 
 def today() -> date:

@@ -1,0 +1,48 @@
+# `make run` and `make test` set up everything they need on a fresh machine (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PG_URL ?= postgres://postgres@127.0.0.1:5432/billing
+REDIS_TEST_URL ?= redis://127.0.0.1:6379/15
+PORT ?= 8000
+
+.PHONY: install run test test-sqlite test-postgres lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py seed_demo
+	PORT=$(PORT) $(PY) -m billing_site.run_all
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test-sqlite: install
+	$(PY) -m pytest
+
+# PostgreSQL and Redis: run when they answer; on CI (CI=true) they must.
+test-postgres: install
+	@if $(PY) -m billing_site.services_check "$(PG_URL)" "$(REDIS_TEST_URL)"; then \
+		DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS_TEST_URL) $(PY) -m pytest; \
+	elif [ "$$CI" = "true" ]; then \
+		echo "PostgreSQL or Redis does not answer, and CI needs both."; exit 1; \
+	else \
+		echo "PostgreSQL or Redis does not answer: skipping the PostgreSQL run."; \
+	fi
+
+test: lint test-sqlite test-postgres
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) db.sqlite3* celery-broker.sqlite* test-artifacts staticfiles
