@@ -75,7 +75,7 @@ def period_roll(*, subscription_id: int, now: datetime) -> bool:
 
     with transaction.atomic():
         sub = (
-            Subscription.objects.select_for_update()
+            Subscription.objects.select_for_update(of=("self",))
             .select_related("plan", "current_period")
             .get(pk=subscription_id)
         )

@@ -1,6 +1,8 @@
+import importlib
 import json
 
 import pytest
+from django.apps import apps
 from django.conf import settings
 from django.db import connection
 
@@ -27,12 +29,31 @@ def _fresh_redis():
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _forget_process_caches():
     clock.forget()
     catalog_forget()
     yield
     clock.forget()
     catalog_forget()
+
+
+def _seed_catalog():
+    """Puts back the catalog the data migrations seed (a transactional test's flush removes it)."""
+    importlib.import_module("accounts.migrations.0002_default_plans").add_plans(apps, None)
+    importlib.import_module("usage.migrations.0002_default_operations").add_operations(apps, None)
+
+
+@pytest.fixture(autouse=True)
+def _catalog_in_transactional_tests(request):
+    marker = request.node.get_closest_marker("django_db")
+    if marker and (marker.kwargs.get("transaction") or "live_server" in request.fixturenames):
+        request.getfixturevalue("transactional_db")
+        _seed_catalog()
 
 
 @pytest.fixture
