@@ -1,0 +1,60 @@
+"""`make run`: starts every part of the site on the embedded defaults and stops them all on Ctrl-C.
+
+Each part is a child process; if one dies, the others are stopped too, so a broken start is never
+mistaken for a running site.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def parts(port: str) -> dict[str, list[str]]:
+    return {
+        "web": [str(BIN / "gunicorn"), "billing_site.wsgi", "-b", f"127.0.0.1:{port}", "-w", "2", "--access-logfile", "-"],
+    }
+
+
+def main() -> int:
+    port = os.environ.get("PORT", "8000")
+    env = dict(os.environ)
+    procs: dict[str, subprocess.Popen] = {}
+    for name, cmd in parts(port).items():
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    print(f"\n  Billing dashboard: http://127.0.0.1:{port}/settings/billing/   (staff: http://127.0.0.1:{port}/admin/)")
+    print("  Sign in with the logins printed above. Ctrl-C stops everything.\n", flush=True)
+
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    while not stopping:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                print(f"{name} stopped (exit {proc.returncode}); stopping the rest.", file=sys.stderr)
+                exit_code, stopping = 1, True
+        time.sleep(0.5)
+    for proc in procs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
