@@ -17,7 +17,16 @@ BIN = Path(sys.executable).parent
 
 def parts(port: str) -> dict[str, list[str]]:
     return {
-        "web": [str(BIN / "gunicorn"), "billing_site.wsgi", "-b", f"127.0.0.1:{port}", "-w", "2", "--access-logfile", "-"],
+        "web": [
+            str(BIN / "gunicorn"),
+            "billing_site.wsgi",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "2",
+            "--access-logfile",
+            "-",
+        ],
     }
 
 
@@ -26,8 +35,10 @@ def main() -> int:
     env = dict(os.environ)
     procs: dict[str, subprocess.Popen] = {}
     for name, cmd in parts(port).items():
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-    print(f"\n  Billing dashboard: http://127.0.0.1:{port}/settings/billing/   (staff: http://127.0.0.1:{port}/admin/)")
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)  # noqa: S603 (our own commands)
+    print(
+        f"\n  Billing dashboard: http://127.0.0.1:{port}/settings/billing/   (staff: http://127.0.0.1:{port}/admin/)"
+    )
     print("  Sign in with the logins printed above. Ctrl-C stops everything.\n", flush=True)
 
     stopping = False

@@ -116,3 +116,56 @@ def usage_rows(*, org_id: int, start: date, end: date, group_by: str) -> list[Us
         rows.append(UsageRow(day.isoformat(), r["credits"] if r else 0, r["units"] if r else 0))
         day += timedelta(days=1)
     return rows
+
+
+@dataclass(frozen=True)
+class Forecast:
+    daily_rate: int  # credits a day over the last 7 days, rounded down
+    runs_out_on: date | None  # None: no usage, or the credits outlast the period
+
+    @property
+    def has_usage(self) -> bool:
+        return self.daily_rate > 0
+
+
+FORECAST_DAYS = 7
+
+
+def forecast_for(*, org_id: int, credits_remaining: int, today: date, period_end: date) -> Forecast:
+    """At the last 7 days' rate (today included), the day the remaining credits run out, if that
+    comes before the period ends."""
+    since = today - timedelta(days=FORECAST_DAYS - 1)
+    used = (
+        UsageRollup.objects.filter(org_id=org_id, day__gte=since, day__lte=today).aggregate(s=Sum("credits"))[
+            "s"
+        ]
+        or 0
+    )
+    rate = used // FORECAST_DAYS
+    if rate == 0:
+        return Forecast(0, None)
+    runs_out = today + timedelta(days=credits_remaining // rate)
+    return Forecast(rate, runs_out if runs_out < period_end else None)
+
+
+@dataclass(frozen=True)
+class InvoiceEstimate:
+    date: datetime
+    plan_name: str
+    plan_cents: int
+    overage_cents: int
+
+    @property
+    def total_cents(self) -> int:
+        return self.plan_cents + self.overage_cents
+
+
+def next_invoice_estimate(*, sub: Subscription, balance: Balance) -> InvoiceEstimate:
+    """What the period close will bill: the next period's plan fee in advance and this period's
+    overage so far in arrears."""
+    return InvoiceEstimate(
+        date=balance.period_end,
+        plan_name=sub.plan.name,
+        plan_cents=sub.price_cents,
+        overage_cents=balance.overage_cents,
+    )
