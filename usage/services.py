@@ -436,7 +436,7 @@ def job_complete(*, org_id: int, job_id, pages: int | None = None) -> Job:
     return job
 
 
-def job_fail(*, org_id: int, job_id, reason: str = "") -> Job:
+def job_fail(*, org_id: int, job_id) -> Job:
     """Releases the whole hold: failed jobs cost nothing. Failing a failed job again returns it;
     failing a succeeded one is 409."""
     now = clock.now()
@@ -465,7 +465,7 @@ def jobs_fail_stale(*, now: datetime) -> int:
     stale = Job.objects.filter(status=JobStatus.RUNNING, created_at__lte=cutoff).values_list("org_id", "id")
     failed = 0
     for org_id, job_id in stale.iterator():
-        job_fail(org_id=org_id, job_id=job_id, reason="stale")
+        job_fail(org_id=org_id, job_id=job_id)
         failed += 1
     return failed
 
