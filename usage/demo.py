@@ -242,6 +242,6 @@ class _History:
                 continue
             with clock.travel(min(moment, self.end)):
                 if kind == "fail":
-                    job_fail(org_id=self.org_id, job_id=job.id, reason="demo: the document could not be read")
+                    job_fail(org_id=self.org_id, job_id=job.id)
                 else:
                     job_complete(org_id=self.org_id, job_id=job.id, pages=pages)
