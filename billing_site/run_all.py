@@ -15,24 +15,25 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+LOCALSTRIPE_PORT = "8420"
+
+
 def parts(port: str) -> dict[str, list[str]]:
+    celery = [str(BIN / "celery"), "-A", "billing_site"]
     return {
-        "web": [
-            str(BIN / "gunicorn"),
-            "billing_site.wsgi",
-            "-b",
-            f"127.0.0.1:{port}",
-            "-w",
-            "2",
-            "--access-logfile",
-            "-",
-        ],
+        "stripe": [str(BIN / "localstripe"), "--port", LOCALSTRIPE_PORT],
+        "web": [str(BIN / "gunicorn"), "billing_site.wsgi", "-b", f"127.0.0.1:{port}", "-w", "2"],
+        "worker": [*celery, "worker", "--pool", "solo", "--loglevel", "WARNING"],
+        "beat": [*celery, "beat", "--loglevel", "WARNING"],
     }
 
 
 def main() -> int:
     port = os.environ.get("PORT", "8000")
     env = dict(os.environ)
+    # The local fake Stripe, unless real Stripe (or another fake) is configured.
+    if not env.get("STRIPE_API_BASE") and not env.get("STRIPE_SECRET_KEY", "").startswith("sk_live"):
+        env["STRIPE_API_BASE"] = f"http://127.0.0.1:{LOCALSTRIPE_PORT}"
     procs: dict[str, subprocess.Popen] = {}
     for name, cmd in parts(port).items():
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)  # noqa: S603 (our own commands)

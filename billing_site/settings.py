@@ -4,6 +4,7 @@ With nothing set, the site runs on the embedded defaults of `make run`: a SQLite
 rate-limit counters, an SQLite Celery broker, the console e-mail backend and a local fake Stripe.
 """
 
+import warnings
 from pathlib import Path
 
 import environ
@@ -113,7 +114,8 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 MEDIA_ROOT = env.path("MEDIA_ROOT", default=BASE_DIR / "media")
-WHITENOISE_USE_FINDERS = True
+WHITENOISE_USE_FINDERS = True  # serve straight from static/ and the apps: no collectstatic step
+warnings.filterwarnings("ignore", "No directory at", UserWarning, "django.core.handlers.base")
 WHITENOISE_AUTOREFRESH = DEBUG
 
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
@@ -141,12 +143,29 @@ CELERY_BROKER_URL = env.str(
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TIMEZONE = "UTC"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE_FILENAME = env.str(
+    "CELERY_BEAT_SCHEDULE_FILENAME", default=str(BASE_DIR / "celerybeat-schedule")
+)
+CELERY_BEAT_SCHEDULE = {
+    # The same due jobs as `manage.py billing_tick`, every minute; each is idempotent.
+    "billing-tick": {"task": "billing.tick", "schedule": env.float("BILLING_TICK_SECONDS", default=60.0)},
+}
 
 # Stripe: a local fake (localstripe) when STRIPE_API_BASE is set, real Stripe otherwise.
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
 STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="sk_test_localstripe")
 STRIPE_PUBLISHABLE_KEY = env.str("STRIPE_PUBLISHABLE_KEY", default="pk_test_localstripe")
 STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="whsec_localstripe")
+# Seconds before a Stripe call gives up (the SDK never retries: one call, at most one PaymentIntent).
+STRIPE_TIMEOUT_SECONDS = env.int("STRIPE_TIMEOUT_SECONDS", default=20)
+
+# Invoices: tax as a percentage of the subtotal (half-up to the cent), and who issues them.
+INVOICE_TAX_RATE = env.str("INVOICE_TAX_RATE", default="0")
+SELLER_NAME = env.str("SELLER_NAME", default="DocAI Ltd")
+SELLER_ADDRESS = env.str("SELLER_ADDRESS", default="1 Example Street, London EC1A 1AA, United Kingdom")
+SELLER_EMAIL = env.str("SELLER_EMAIL", default="billing@example.com")
+SELLER_TAX_ID = env.str("SELLER_TAX_ID", default="")
 
 # How long a job may run before billing_tick fails it and releases its hold.
 STALE_JOB_HOURS = env.int("STALE_JOB_HOURS", default=24)
