@@ -169,3 +169,55 @@ def next_invoice_estimate(*, sub: Subscription, balance: Balance) -> InvoiceEsti
         plan_cents=sub.price_cents,
         overage_cents=balance.overage_cents,
     )
+
+
+# --- the Usage page and its CSV ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DailyUsage:
+    day: date
+    key: str  # a product or a mode
+    credits: int
+    units: int
+
+
+def usage_by_day(*, org_id: int, start: date, end: date, group_by: str) -> list[DailyUsage]:
+    """Credits and units per day and product (or mode), [start, end] inclusive, from the daily
+    rollups in one query; only the (day, key) pairs that have usage, sorted by day and key."""
+    field = {"product": "product", "mode": "mode"}[group_by]
+    sums = (
+        UsageRollup.objects.filter(org_id=org_id, day__gte=start, day__lte=end)
+        .values("day", field)
+        .annotate(credits=Sum("credits"), units=Sum("units"))
+        .order_by("day", field)
+    )
+    return [
+        DailyUsage(r["day"], r[field], r["credits"], r["units"]) for r in sums if r["credits"] or r["units"]
+    ]
+
+
+@dataclass(frozen=True)
+class UsageLine:
+    day: date
+    product: str
+    mode: str
+    credits: int
+    units: int
+
+
+def usage_lines(*, org_id: int, start: date, end: date) -> list[UsageLine]:
+    """One line per day, product and mode with usage in [start, end] (inclusive), sorted by day,
+    product and mode: the rows of the usage CSV."""
+    rows = (
+        UsageRollup.objects.filter(org_id=org_id, day__gte=start, day__lte=end)
+        .exclude(credits=0, units=0)
+        .order_by("day", "product", "mode")
+        .values_list("day", "product", "mode", "credits", "units")
+    )
+    return [UsageLine(*row) for row in rows]
+
+
+def current_period_for(*, sub: Subscription) -> BillingPeriod:
+    """The subscription's current billing period (the one billing_tick last opened)."""
+    return BillingPeriod.objects.get(pk=sub.current_period_id)

@@ -4,4 +4,7 @@ from usage import views
 
 billing_patterns = [
     path("", views.overview, name="overview"),
+    path("usage/", views.usage_page, name="usage"),
+    path("usage.csv", views.usage_csv, name="usage_csv"),
+    path("notifications/", views.notifications, name="notifications"),
 ]
