@@ -2,14 +2,14 @@
 schemas; the API key, rate limits and headers are applied by usage.api_middleware."""
 
 import uuid
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
 from django.http import Http404
 from ninja import Field, NinjaAPI, Query, Schema
 from ninja.errors import HttpError, ValidationError
 from ninja.security import HttpBearer
-from pydantic import ConfigDict, StrictBool, StrictInt, StringConstraints
+from pydantic import AfterValidator, ConfigDict, StrictBool, StrictInt, StringConstraints
 
 from accounts import clock
 from billing_site.errors import BillingError
@@ -49,7 +49,7 @@ def _first_problem(errors: list[dict]) -> str:
     where = ".".join(str(part) for part in e.get("loc", ()) if part not in ("body", "payload", "query"))
     message = e.get("msg", "is invalid")
     if e.get("type") == "missing":
-        message = "is required"
+        message = "is required" if where else "A JSON object body is required."
     elif e.get("type") == "extra_forbidden":
         message = "is not a field of this request"
     return f"{where}: {message}" if where else message
@@ -96,6 +96,24 @@ def _not_found(request, exc):
 
 Slug = Annotated[str, StringConstraints(min_length=1, max_length=30)]
 Count = Annotated[StrictInt, Field(ge=1)]
+
+# Only what the event columns can hold is accepted: a larger count, a NUL byte (PostgreSQL text) or a
+# moment outside the years 1-9999 in UTC would be a 500 (or on PostgreSQL a row that cannot be read).
+MAX_EVENT_UNITS = 2_147_483_647
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def _in_utc(moment: datetime) -> datetime:
+    """Event timestamps are kept in UTC; one without an offset is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must fall between the years 1 and 9999 in UTC") from None
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_in_utc)]
 
 
 class Strict(Schema):
@@ -198,11 +216,11 @@ class UsageOut(Schema):
 
 
 class EventIn(Strict):
-    id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    id: EventId
     product: Slug
     mode: Slug
-    units: Count
-    timestamp: datetime
+    units: Annotated[StrictInt, Field(ge=1, le=MAX_EVENT_UNITS)]
+    timestamp: UtcDatetime
 
 
 class EventsIn(Strict):
@@ -265,7 +283,12 @@ MAX_USAGE_DAYS = 366
 @api.get("/usage", response={200: UsageOut, **ERRORS})
 def usage(request, q: Query[UsageQuery]):
     end = q.end or clock.today()
-    start = q.start or end - timedelta(days=29)
+    try:
+        start = q.start or end - timedelta(days=29)
+    except OverflowError:
+        raise BillingError(
+            "INVALID_ARGUMENT", "Give a start date: end is too early for the default.", 400
+        ) from None
     if start > end:
         raise BillingError("INVALID_ARGUMENT", "start must be on or before end.", 400)
     if (end - start).days >= MAX_USAGE_DAYS:

@@ -7,6 +7,7 @@ import secrets
 import time
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import JsonResponse
 
 from accounts.services import api_key_authenticate
@@ -58,9 +59,9 @@ class MeteringApiMiddleware:
             return self.get_response(request)
         request.request_id = f"req_{secrets.token_hex(12)}"
         request.api_key = None
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            request.api_key = api_key_authenticate(header[7:].strip())
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 §11.1)
+            request.api_key = api_key_authenticate(token.strip())
         if request.api_key is not None:
             sub = request.api_key.org.subscription
             window = rate_limits.hit(f"org:{sub.org_id}", sub.rpm)
@@ -107,10 +108,23 @@ class MeteringApiMiddleware:
         message = {404: "Not found.", 405: f"{request.method} is not allowed here."}.get(
             status, "Request refused."
         )
-        return error_response(request, status, STATUS_CODES.get(status, "INVALID_ARGUMENT"), message)
+        envelope = error_response(request, status, STATUS_CODES.get(status, "INVALID_ARGUMENT"), message)
+        if "Allow" in response:  # a 405 must say which methods are allowed
+            envelope["Allow"] = response["Allow"]
+        return envelope
 
     def process_exception(self, request, exception):
-        if not request.path.startswith(API_PREFIX) or settings.DEBUG:
+        if not request.path.startswith(API_PREFIX):
+            return None
+        if isinstance(exception, SuspiciousOperation):  # the client's fault: 400, as Django answers
+            logger.warning("Refused %s %s: %s", request.method, request.path, exception)
+            message = (
+                f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes."
+                if isinstance(exception, RequestDataTooBig)
+                else "Request refused."
+            )
+            return error_response(request, 400, "INVALID_ARGUMENT", message)
+        if settings.DEBUG:
             return None
         logger.exception(
             "Unhandled error in %s %s (%s)",
