@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
 from django.http import Http404
-from ninja import Field, NinjaAPI, Query, Schema
+from ninja import Field, NinjaAPI, Query, Schema, Status
 from ninja.errors import HttpError, ValidationError
 from ninja.security import HttpBearer
 from pydantic import AfterValidator, ConfigDict, StrictBool, StrictInt, StringConstraints
@@ -314,7 +314,7 @@ def job_create(request, payload: JobIn):
         idempotency_key=key,
         body_hash=services.request_hash(body),
     )
-    return 201, {"id": job.id, "status": "running", "credits_reserved": job.credits_reserved}
+    return Status(201, {"id": job.id, "status": "running", "credits_reserved": job.credits_reserved})
 
 
 def _job_id(raw: str) -> uuid.UUID:
@@ -349,4 +349,4 @@ def job_detail(request, job_id: str):
 def usage_events(request, payload: EventsIn):
     events = [services.EventIn(e.id, e.product, e.mode, e.units, e.timestamp) for e in payload.events]
     accepted, duplicates = services.usage_events_record(sub=request.api_key.org.subscription, events=events)
-    return 202, {"accepted": accepted, "duplicates": duplicates}
+    return Status(202, {"accepted": accepted, "duplicates": duplicates})

@@ -11,20 +11,30 @@ from billing_site.money import overage_cents
 from usage.models import Bucket, CreditAccount, CreditLot, Operation, UsageRollup
 
 _CATALOG_SECONDS = 30.0
-_catalog: tuple[float, dict[tuple[str, str], int]] | None = None
+_catalog: tuple[float, dict[tuple[str, str], int], frozenset[tuple[str, str]]] | None = None
 
 
-def catalog_costs() -> dict[tuple[str, str], int]:
-    """{(product, mode): credits per unit}, cached per process for 30 s and dropped whenever
-    an operation is saved or deleted in this process."""
+def _catalog_load():
+    """The catalog, cached per process for 30 s and dropped whenever an operation is saved or
+    deleted in this process."""
     global _catalog
     mono = time.monotonic()
     if _catalog is None or mono - _catalog[0] > _CATALOG_SECONDS:
-        costs = {
-            (p, m): c for p, m, c in Operation.objects.values_list("product", "mode", "credits_per_unit")
-        }
-        _catalog = (mono, costs)
-    return _catalog[1]
+        rows = Operation.objects.values_list("product", "mode", "credits_per_unit", "unit")
+        costs = {(p, m): c for p, m, c, _ in rows}
+        per_page = frozenset((p, m) for p, m, _, unit in rows if unit == Operation.Unit.PAGE)
+        _catalog = (mono, costs, per_page)
+    return _catalog
+
+
+def catalog_costs() -> dict[tuple[str, str], int]:
+    """{(product, mode): credits per unit}."""
+    return _catalog_load()[1]
+
+
+def catalog_per_page() -> frozenset[tuple[str, str]]:
+    """The (product, mode) pairs priced per page: the ones a document job may use."""
+    return _catalog_load()[2]
 
 
 def catalog_forget(**_kwargs) -> None:
@@ -110,11 +120,10 @@ def usage_rows(*, org_id: int, start: date, end: date, group_by: str) -> list[Us
     if group_by != "day":
         return [UsageRow(k, r["credits"], r["units"]) for k, r in found.items()]
     rows = []
-    day = start
-    while day <= end:
+    for offset in range((end - start).days + 1):
+        day = start + timedelta(days=offset)
         r = found.get(day)
         rows.append(UsageRow(day.isoformat(), r["credits"] if r else 0, r["units"] if r else 0))
-        day += timedelta(days=1)
     return rows
 
 

@@ -41,7 +41,8 @@ from usage.models import (
     UsageEvent,
     UsageRollup,
 )
-from usage.selectors import catalog_costs
+from usage.recharge_trigger import recharge_threshold_crossed
+from usage.selectors import catalog_costs, catalog_per_page
 
 MB = 1_048_576
 FILE_SIZE_LIMITS = {"pdf": 100 * MB, "docx": 50 * MB, "xlsx": 50 * MB, "pptx": 100 * MB}
@@ -258,6 +259,8 @@ def _job_prices(req: JobRequest) -> tuple[int, int]:
     if req.mode == OCR_MODE:
         raise invalid('OCR is not a mode of its own: set "ocr": true with a mode such as "base".')
     price = costs.get((req.product, req.mode))
+    if price is not None and (req.product, req.mode) not in catalog_per_page():
+        raise invalid(f"Mode {req.mode!r} is not priced per page: report it as usage events.")
     if price is None:
         if not any(product == req.product for product, _ in costs):
             raise invalid(f"Unknown product {req.product!r}.")
@@ -336,6 +339,7 @@ def job_start(
             overage_held=F("overage_held") + overage,
             running_jobs=F("running_jobs") + 1,
         )
+        recharge_threshold_crossed(account, account.balance - from_lots)
     return job, False
 
 
@@ -551,4 +555,149 @@ def usage_events_record(*, sub: Subscription, events: list[EventIn]) -> tuple[in
             CreditAccount.objects.filter(pk=org_id).update(balance=F("balance") - from_lots)
             _add_to_period(org_id, total, overage)
         _add_to_rollups(org_id, day, rows)
+        recharge_threshold_crossed(account, account.balance - from_lots)
     return len(new), len(events) - len(new)
+
+
+# --- the low-balance alert (DESIGN §4) --------------------------------------------------------
+#
+# A small state machine on the LowBalanceAlert row: while `armed`, the first check that sees the
+# balance below the threshold sends one e-mail and disarms it; while disarmed nothing more is sent,
+# and the first check that sees the balance back at the threshold or above re-arms it. Checks lock
+# the alert row, so two workers checking at once send one e-mail. The worker must check after
+# every change of the balance (charges and grants alike): a rise that no check sees cannot re-arm.
+
+
+def _clean_recipients(recipients: Iterable[str]) -> list[str]:
+    from django.core.exceptions import ValidationError
+    from django.core.validators import validate_email
+
+    from usage.models import MAX_ALERT_RECIPIENTS
+
+    cleaned: list[str] = []
+    for address in recipients:
+        address = address.strip().lower()
+        if not address or address in cleaned:
+            continue
+        try:
+            validate_email(address)
+        except ValidationError:
+            raise invalid(f"{address!r} is not an e-mail address.") from None
+        cleaned.append(address)
+    if len(cleaned) > MAX_ALERT_RECIPIENTS:
+        raise invalid(f"At most {MAX_ALERT_RECIPIENTS} recipients.")
+    return cleaned
+
+
+def low_balance_alert_save(*, org_id: int, enabled: bool, threshold: int, recipients: list[str]):
+    """Creates or changes the organisation's alert. A new threshold, or turning the alert on,
+    re-arms it (so a balance already below the new threshold is reported once); changing only
+    the recipients keeps its state, so it does not send the same news twice."""
+    from usage.models import MAX_ALERT_THRESHOLD, LowBalanceAlert
+
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int)
+        or not 1 <= threshold <= MAX_ALERT_THRESHOLD
+    ):
+        raise invalid(f"The threshold is a whole number of credits from 1 to {MAX_ALERT_THRESHOLD:,}.")
+    cleaned = _clean_recipients(recipients)
+    if enabled and not cleaned:
+        raise invalid("Add at least one e-mail address to send the alert to.")
+    with transaction.atomic():
+        alert = LowBalanceAlert.objects.select_for_update().filter(org_id=org_id).first()
+        if alert is None:
+            return LowBalanceAlert.objects.create(
+                org_id=org_id, enabled=enabled, threshold=threshold, recipients=cleaned, armed=True
+            )
+        if threshold != alert.threshold or (enabled and not alert.enabled):
+            alert.armed = True
+        alert.enabled = enabled
+        alert.threshold = threshold
+        alert.recipients = cleaned
+        alert.save()
+    return alert
+
+
+def low_balance_check(*, org_id: int) -> bool:
+    """Moves the alert's state for the current balance; True when an e-mail is due now (the
+    balance has just been seen below the threshold while armed). Disabled or missing: False."""
+    from usage.models import LowBalanceAlert
+
+    with transaction.atomic():
+        alert = LowBalanceAlert.objects.select_for_update().filter(org_id=org_id).first()
+        if alert is None or not alert.enabled:
+            return False
+        balance = CreditAccount.objects.values_list("balance", flat=True).get(org_id=org_id)
+        if balance < alert.threshold:
+            if not alert.armed:
+                return False
+            alert.armed = False
+            alert.last_sent_at = clock.now()
+            alert.save(update_fields=["armed", "last_sent_at", "updated_at"])
+            return True
+        if not alert.armed:
+            alert.armed = True
+            alert.save(update_fields=["armed", "updated_at"])
+        return False
+
+
+def low_balance_alert_send(*, org_id: int) -> bool:
+    """What the alerts worker calls after a balance changes: checks, and sends the e-mail when
+    one is due. The e-mail goes out inside the check's transaction, so a failed send leaves the
+    alert armed and the next check tries again. Returns whether an e-mail was sent."""
+    from django.core.mail import send_mail
+
+    from usage.models import LowBalanceAlert
+
+    with transaction.atomic():
+        if not low_balance_check(org_id=org_id):
+            return False
+        alert = LowBalanceAlert.objects.select_related("org").get(org_id=org_id)
+        balance = CreditAccount.objects.values_list("balance", flat=True).get(org_id=org_id)
+        site = getattr(settings, "SITE_URL", "").rstrip("/")
+        where = f"{site}/settings/billing/" if site else "Settings → Billing"
+        send_mail(
+            subject=f"Low balance: {alert.org.name} has {balance:,} credits left",
+            message=(
+                f"The credit balance of {alert.org.name} is {balance:,} credits, below your alert "
+                f"threshold of {alert.threshold:,} credits.\n\n"
+                f"Buy credits or change your plan in {where} to keep your jobs running.\n\n"
+                "We will not e-mail again until the balance is back at the threshold or above. "
+                "Change the alert in Settings → Billing → Notifications."
+            ),
+            from_email=settings.DEFAULT_FROM_EMAIL,
+            recipient_list=list(alert.recipients),
+        )
+    return True
+
+
+# --- plan upgrades ---------------------------------------------------------------------------
+
+
+def overage_absorb(
+    *, org_id: int, period_id: int, lot_id: int, reason: str, actor: User | None = None
+) -> int:
+    """Moves overage already charged in a period onto a plan lot granted to it (an upgrade's extra
+    quota), so that overage is never billed: the period's overage shrinks by what the lot covers,
+    a lot-less OVERAGE entry gives those credits back and an OVERAGE entry on the lot takes them
+    from it. Returns the credits absorbed."""
+    now = clock.now()
+    with transaction.atomic():
+        _lock_account(org_id)
+        period = BillingPeriod.objects.select_for_update().get(pk=period_id, org_id=org_id)
+        lot = CreditLot.objects.get(pk=lot_id, org_id=org_id)
+        credits = min(period.overage_credits, lot.remaining) if lot.expired_at is None else 0
+        if credits <= 0:
+            return 0
+        CreditLot.objects.filter(pk=lot.pk).update(remaining=F("remaining") - credits)
+        common = {"org_id": org_id, "kind": EntryKind.OVERAGE, "period_id": period_id, "created_at": now}
+        LedgerEntry.objects.bulk_create(
+            [
+                LedgerEntry(credits=credits, reason=f"{reason}: no longer overage", created_by=actor, **common),
+                LedgerEntry(lot=lot, credits=-credits, reason=reason, created_by=actor, **common),
+            ]
+        )
+        CreditAccount.objects.filter(pk=org_id).update(balance=F("balance") - credits)
+        BillingPeriod.objects.filter(pk=period_id).update(overage_credits=F("overage_credits") - credits)
+    return credits

@@ -222,11 +222,6 @@ def test_usage_grouped_by_product_and_mode(api_for):
     assert_ledger_consistent(org.pk)
 
 
-@pytest.mark.xfail(
-    reason="selectors bug: usage_rows(group_by='day') steps one day past `end`, which overflows "
-    "(OverflowError, a 500) when end is 9999-12-31",
-    strict=True,
-)
 def test_usage_up_to_the_last_representable_day_is_answered(api_for):
     org = OrgFactory(plan="starter")
     api = api_for(org.raw_key)

@@ -691,11 +691,6 @@ def test_an_unknown_or_malformed_job_id_is_404(api_for, method, path, job_id):
     assert error["message"]
 
 
-@pytest.mark.xfail(
-    reason="services bug: job_start accepts mode 'audio' (an Operation with unit=second); DESIGN §2 says "
-    "audio is metered only through usage events, so POST jobs with it should be 400 INVALID_ARGUMENT",
-    strict=True,
-)
 def test_a_job_in_an_audio_mode_is_400(api_for):
     org = OrgFactory(plan="starter")
     api = api_for(org.raw_key)
