@@ -5,6 +5,7 @@ database otherwise (one upsert that returns the count). Windows follow the wall 
 RateLimit-Reset is a Unix time.
 """
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -15,6 +16,7 @@ from django.db import connection
 from usage.models import RateCounter
 
 WINDOW_SECONDS = 60
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,13 @@ def hit(key: str, limit: int, now: float | None = None) -> Window:
     """Counts one request for `key` (refused ones too) and returns its window."""
     now = time.time() if now is None else now
     window = int(now // WINDOW_SECONDS)
-    count = _counter().incr(key, window)
+    try:
+        count = _counter().incr(key, window)
+    except Exception:  # noqa: BLE001 - a counter store that is down must not stop metering
+        # Fail open: credits, holds and concurrency are still enforced by the database; only the
+        # per-minute count is lost while the store is down.
+        log.exception("rate-limit counter unavailable; allowing %s", key)
+        count = 0
     return Window(limit=limit, count=count, reset=(window + 1) * WINDOW_SECONDS)
 
 

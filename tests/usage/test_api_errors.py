@@ -695,3 +695,18 @@ def test_the_concurrent_jobs_limit_does_not_stop_completing_or_events(api_for):
     assert api.get(f"jobs/{job['id']}").status_code == 200
     assert api.post(f"jobs/{job['id']}/complete").status_code == 200
     assert_ledger_consistent(org.pk)
+
+
+def test_a_rate_limit_store_that_is_down_lets_requests_through_with_headers(api_for, monkeypatch):
+    from usage import rate_limits
+
+    class Down:
+        def incr(self, key, window):
+            raise ConnectionError("counter store is down")
+
+    monkeypatch.setattr(rate_limits, "_counter", lambda: Down())
+    org = OrgFactory(plan="starter")
+    response = api_for(org.raw_key).get("balance")
+    assert response.status_code == 200
+    assert response["RateLimit-Limit"] == "120"
+    assert response["RateLimit-Remaining"] == "120"
