@@ -89,3 +89,69 @@ def api_for(client):
         return ApiClient(client, key)
 
     return make
+
+
+# --- Stripe: a real localstripe server for the session (invoices, upgrades, packs) -------------
+
+
+@pytest.fixture(scope="session")
+def localstripe():
+    """Starts localstripe on a free loopback port for the whole session, points
+    settings.STRIPE_API_BASE at it, and stops it at the end. Yields its base URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "localstripe"), "--port", str(port), "--from-scratch"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    base = f"http://127.0.0.1:{port}"
+    probe_request = urllib.request.Request(
+        f"{base}/v1/customers", headers={"Authorization": "Bearer sk_test_x"}
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(probe_request, timeout=1):  # noqa: S310 (loopback)
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"localstripe did not start on port {port}")
+            time.sleep(0.1)
+    before = settings.STRIPE_API_BASE
+    settings.STRIPE_API_BASE = base
+    yield base
+    settings.STRIPE_API_BASE = before
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def stripe_card(localstripe, settings):
+    """stripe_card(org, number="4242424242424242") -> the organisation's saved PaymentMethod, added
+    the way the page adds one (a SetupIntent confirmed with the card, then payment_method_add)."""
+    import stripe
+
+    from invoices import services, stripe_gateway
+
+    settings.STRIPE_API_BASE = localstripe
+
+    def add(org, number="4242424242424242"):
+        setup = services.payment_method_setup_start(org=org)
+        stripe_gateway.configure()
+        pm = stripe.PaymentMethod.create(
+            type="card", card={"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+        )
+        stripe.SetupIntent.confirm(setup.id, payment_method=pm.id)
+        return services.payment_method_add(org=org, stripe_payment_method_id=pm.id, setup_intent_id=setup.id)
+
+    return add
