@@ -262,3 +262,23 @@ class StripeWebhookEvent(models.Model):
 
     def __str__(self):
         return f"{self.type} ({self.stripe_event_id})"
+
+
+class InvoicePdf(models.Model):
+    """An invoice's PDF as rendered for one status: rendered once, served byte for byte until the
+    invoice's status changes (then a new one is rendered for the new status)."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="pdfs")
+    status = models.CharField(max_length=10, choices=InvoiceStatus.choices)
+    content = models.BinaryField()
+    sha256 = models.CharField(max_length=64)
+    rendered_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["invoice", "status"], name="one_pdf_per_invoice_status")
+        ]
+        verbose_name = "invoice PDF"
+
+    def __str__(self):
+        return f"{self.invoice} as {self.status}"

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.template.loader import render_to_string
 
 
-def invoice_pdf_bytes(*, invoice, lines, customer_emails: list[str]) -> bytes:
+def invoice_pdf_bytes(*, invoice, lines, seller, customer_emails: list[str], period_last_day) -> bytes:
     """Renders one invoice, as it is now, to PDF bytes."""
     from weasyprint import HTML  # imported here: loading Pango costs time a web request rarely needs
 
@@ -13,15 +13,10 @@ def invoice_pdf_bytes(*, invoice, lines, customer_emails: list[str]) -> bytes:
         {
             "invoice": invoice,
             "lines": lines,
+            "seller": seller,
+            "address_lines": [part.strip() for part in seller.address.split(",") if part.strip()],
             "customer_emails": customer_emails,
-            "seller": {
-                "name": settings.SELLER_NAME,
-                "address_lines": [
-                    part.strip() for part in settings.SELLER_ADDRESS.split(",") if part.strip()
-                ],
-                "email": settings.SELLER_EMAIL,
-                "tax_id": settings.SELLER_TAX_ID,
-            },
+            "period_last_day": period_last_day,
         },
     )
     return HTML(string=html, base_url=str(settings.BASE_DIR)).write_pdf()

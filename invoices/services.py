@@ -16,6 +16,7 @@ Call `purchase_charge` and `invoice_charge` outside any transaction: their first
 committed before Stripe is called.
 """
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from accounts import clock
-from accounts.models import Organisation
+from accounts.models import Organisation, Role
 from billing_site.errors import BillingError, conflict, invalid, not_found
 from billing_site.money import overage_cents
 from invoices import stripe_gateway
@@ -38,6 +40,7 @@ from invoices.models import (
     InvoiceKind,
     InvoiceLine,
     InvoiceNumberSequence,
+    InvoicePdf,
     InvoiceStatus,
     PaymentAttempt,
     PaymentMethod,
@@ -643,3 +646,59 @@ def payment_method_remove(*, org: Organisation, payment_method_id: int) -> Payme
                 successor.is_default = True
                 successor.save(update_fields=["is_default"])
     return card
+
+
+# --- PDFs ------------------------------------------------------------------------------------
+
+PDF_STATUSES = (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.VOID, InvoiceStatus.REFUNDED)
+
+
+def invoice_pdf(*, invoice: Invoice) -> InvoicePdf:
+    """The PDF of the invoice as its status is now: rendered the first time it is asked for (by a
+    download or by billing_tick), then stored and served byte for byte until the status changes.
+    Drafts have none."""
+    from invoices import pdf, selectors
+
+    if invoice.number is None or invoice.status not in PDF_STATUSES:
+        raise invalid("Only issued invoices have a PDF.")
+    stored = InvoicePdf.objects.filter(invoice=invoice, status=invoice.status).first()
+    if stored is not None:
+        return stored
+    emails = list(
+        invoice.org.memberships.filter(role__in=[Role.OWNER, Role.BILLING_ADMIN])
+        .order_by("user__email")
+        .values_list("user__email", flat=True)
+    )
+    content = pdf.invoice_pdf_bytes(
+        invoice=invoice,
+        lines=list(invoice.lines.order_by("position", "pk")),
+        seller=selectors.seller(),
+        customer_emails=emails,
+        period_last_day=selectors.period_last_day(invoice.period_end),
+    )
+    try:
+        with transaction.atomic():
+            return InvoicePdf.objects.create(
+                invoice=invoice,
+                status=invoice.status,
+                content=content,
+                sha256=hashlib.sha256(content).hexdigest(),
+            )
+    except IntegrityError:  # rendered at the same moment elsewhere: serve that one
+        return InvoicePdf.objects.get(invoice=invoice, status=invoice.status)
+
+
+def invoice_pdfs_render_missing(*, limit: int = 200) -> int:
+    """Renders the PDFs that issued invoices lack for their current status (the worker's job;
+    billing_tick runs it too), at most `limit` a call so a tick stays short."""
+    missing = (
+        Invoice.objects.filter(status__in=PDF_STATUSES, number__isnull=False)
+        .exclude(pdfs__status=F("status"))
+        .select_related("org")
+        .order_by("pk")[:limit]
+    )
+    rendered = 0
+    for invoice in missing:
+        invoice_pdf(invoice=invoice)
+        rendered += 1
+    return rendered

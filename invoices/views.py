@@ -6,7 +6,7 @@ invoice or card is looked up, so a member learns nothing about which numbers exi
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
@@ -46,6 +46,20 @@ def invoice(request, number):
         "is_paid": found.status in (InvoiceStatus.PAID, InvoiceStatus.REFUNDED),
     }
     return render(request, "billing/invoice_detail.html", context)
+
+
+@billing_page(manage=True)
+def invoice_pdf(request, number):
+    """The invoice's PDF, the same bytes every time until its status changes."""
+    found = selectors.invoice_for(org=request.org, number=number)
+    if found is None or found.number is None:
+        raise Http404("No such invoice.")
+    stored = services.invoice_pdf(invoice=found)
+    response = HttpResponse(bytes(stored.content), content_type="application/pdf")
+    response["Content-Disposition"] = f'attachment; filename="{found.number}.pdf"'
+    response["ETag"] = f'"{stored.sha256}"'
+    response["Cache-Control"] = "private, no-cache"
+    return response
 
 
 def _payment_methods_page(request, *, form, status=200, remove_card=None):
