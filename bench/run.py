@@ -1,0 +1,58 @@
+"""`make bench`: sets up a database and gunicorn of its own, runs each benchmark against its
+ceiling, prints the table, and cleans up. Exit status 0 when everything ran and every answer was
+right (targets missed or not: it is a report), 1 otherwise.
+
+    python -m bench.run [--only ingest|jobs]
+"""
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from bench import ingest, jobs
+from bench.report import Outcome, table
+from bench.server import GUNICORN_WORKERS, bench_server
+
+BENCHMARKS = {"ingest": ingest.run, "jobs": jobs.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
+    args = parser.parse_args(argv)
+    names = [args.only] if args.only else list(BENCHMARKS)
+
+    began = time.monotonic()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(
+            f"note: the load average is {load:.1f} before we start: other processes are using the "
+            f"{os.cpu_count()} cores, so the figures will be lower and noisier than on a quiet machine"
+        )
+    results = Outcome()
+    try:
+        with bench_server() as server:
+            print(
+                f"gunicorn ({GUNICORN_WORKERS} workers) on 127.0.0.1:{server.port}; benchmarks: {', '.join(names)}"
+            )
+            for name in names:
+                outcome = BENCHMARKS[name](server)
+                results.rows += outcome.rows
+                results.failures += outcome.failures
+    except Exception:  # noqa: BLE001 - reported, and the exit status says so
+        results.failures.append(traceback.format_exc())
+
+    if results.rows:
+        print()
+        print(table(results.rows))
+    print(f"\n({time.monotonic() - began:.0f} s in all)")
+    if results.failures:
+        print("\nFAILED:", *results.failures, sep="\n", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
