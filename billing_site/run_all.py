@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,20 @@ def parts(port: str) -> dict[str, list[str]]:
     }
 
 
+def register_webhook(stripe_base: str, port: str, secret: str) -> None:
+    """Tells localstripe to send signed events to our endpoint (it forgets on a restart)."""
+    data = urllib.parse.urlencode(
+        {"url": f"http://127.0.0.1:{port}/stripe/webhook/", "secret": secret}
+    ).encode()
+    for _ in range(50):
+        try:
+            urllib.request.urlopen(f"{stripe_base}/_config/webhooks/billing", data=data, timeout=2)  # noqa: S310
+            return
+        except OSError:
+            time.sleep(0.2)
+    print("localstripe did not answer: card payments will say they are unavailable.", file=sys.stderr)
+
+
 def main() -> int:
     port = os.environ.get("PORT", "8000")
     env = dict(os.environ)
@@ -37,6 +53,8 @@ def main() -> int:
     procs: dict[str, subprocess.Popen] = {}
     for name, cmd in parts(port).items():
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)  # noqa: S603 (our own commands)
+    if env.get("STRIPE_API_BASE", "").startswith("http://127.0.0.1"):
+        register_webhook(env["STRIPE_API_BASE"], port, env.get("STRIPE_WEBHOOK_SECRET", "whsec_localstripe"))
     print(
         f"\n  Billing dashboard: http://127.0.0.1:{port}/settings/billing/   (staff: http://127.0.0.1:{port}/admin/)"
     )

@@ -6,6 +6,7 @@ from accounts.urls_api_keys import api_key_patterns
 from accounts.urls_billing import billing_patterns as accounts_billing
 from billing_site.views import healthz
 from invoices.urls import billing_patterns as invoices_billing
+from invoices.webhooks import stripe_webhook
 from usage.api import api
 from usage.urls import billing_patterns as usage_billing
 from usage.views import pricing
@@ -26,4 +27,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("healthz", healthz, name="healthz"),
+    path("stripe/webhook/", stripe_webhook, name="stripe_webhook"),
 ]

@@ -44,6 +44,8 @@ from invoices.models import (
     InvoiceStatus,
     PaymentAttempt,
     PaymentMethod,
+    StripeWebhookEvent,
+    WebhookStatus,
 )
 from invoices.stripe_gateway import ChargeResult, StripeUnavailable
 
@@ -702,3 +704,71 @@ def invoice_pdfs_render_missing(*, limit: int = 200) -> int:
         invoice_pdf(invoice=invoice)
         rendered += 1
     return rendered
+
+
+# --- Stripe webhooks -------------------------------------------------------------------------
+
+# Events that can settle a charge attempt; any other type is stored and marked ignored.
+PAYMENT_EVENTS = {"payment_intent.succeeded", "payment_intent.payment_failed"}
+
+
+def webhook_event_store(*, event: dict) -> tuple[StripeWebhookEvent, bool]:
+    """Stores a verified event once by its Stripe id; returns (event, created). A replay of the
+    same id stores nothing and is not processed again."""
+    stored, created = StripeWebhookEvent.objects.get_or_create(
+        stripe_event_id=event["id"], defaults={"type": str(event["type"])[:100], "payload": event}
+    )
+    return stored, created
+
+
+def webhook_event_process(*, event_pk: int) -> str:
+    """Processes one stored event, once: a payment event settles the attempt it names from what
+    Stripe holds now (so replays and out-of-order events change nothing twice)."""
+    with transaction.atomic():
+        event = StripeWebhookEvent.objects.select_for_update().get(pk=event_pk)
+        if event.status != WebhookStatus.RECEIVED:
+            return event.status
+        event.status = WebhookStatus.PROCESSING
+        event.save(update_fields=["status"])
+    outcome, error = WebhookStatus.PROCESSED, ""
+    try:
+        if event.type in PAYMENT_EVENTS:
+            _webhook_payment_settle(event.payload)
+        else:
+            outcome = WebhookStatus.IGNORED
+    except Exception as exc:  # noqa: BLE001 - stored and visible in admin, retried by the tick
+        log.exception("webhook %s failed", event.stripe_event_id)
+        outcome, error = WebhookStatus.FAILED, f"{type(exc).__name__}: {exc}"[:2000]
+    StripeWebhookEvent.objects.filter(pk=event.pk).update(
+        status=outcome, error=error, processed_at=timezone.now()
+    )
+    return outcome
+
+
+def _webhook_payment_settle(payload: dict) -> None:
+    intent = (payload.get("data") or {}).get("object") or {}
+    metadata = intent.get("metadata") or {}
+    attempts = PaymentAttempt.objects.select_related("invoice__org", "payment_method")
+    attempt = None
+    if metadata.get("idempotency_key"):
+        attempt = attempts.filter(idempotency_key=metadata["idempotency_key"]).first()
+    if attempt is None and intent.get("id"):
+        attempt = attempts.filter(stripe_payment_intent_id=intent["id"]).first()
+    if attempt is None or attempt.status != AttemptStatus.PENDING:
+        return  # not ours, or already settled by the request or an earlier event
+    _attempt_reconcile(attempt)
+
+
+def webhook_events_process_pending(*, limit: int = 500) -> int:
+    """Processes stored events no worker has taken (and retries failed ones): billing_tick's step."""
+    StripeWebhookEvent.objects.filter(status=WebhookStatus.FAILED).update(status=WebhookStatus.RECEIVED)
+    stale = timezone.now() - timedelta(minutes=5)
+    StripeWebhookEvent.objects.filter(status=WebhookStatus.PROCESSING, received_at__lte=stale).update(
+        status=WebhookStatus.RECEIVED
+    )
+    pending = StripeWebhookEvent.objects.filter(status=WebhookStatus.RECEIVED).order_by("pk")
+    done = 0
+    for pk in list(pending.values_list("pk", flat=True)[:limit]):
+        webhook_event_process(event_pk=pk)
+        done += 1
+    return done

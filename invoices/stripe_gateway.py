@@ -13,6 +13,7 @@ Callers get plain dataclasses and `BillingError`s, never Stripe objects or Strip
 - A PaymentIntent declined → `ChargeResult(status="declined", message=...)`, not an exception.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -381,3 +382,24 @@ def refund_create(*, payment_intent_id: str, idempotency_key: str, amount_cents:
     except stripe.InvalidRequestError as e:
         raise StripeRequestError(e.user_message or str(e), status=409) from e
     return refund["id"]
+
+
+class WebhookSignatureInvalid(Exception):
+    """The payload is not signed with our endpoint secret (or is older than the tolerance)."""
+
+
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def webhook_event_verify(*, payload: bytes, signature: str) -> dict:
+    """The event in a webhook request, once its Stripe-Signature is checked (300 s tolerance)."""
+    try:
+        stripe.Webhook.construct_event(
+            payload, signature, settings.STRIPE_WEBHOOK_SECRET, tolerance=WEBHOOK_TOLERANCE_SECONDS
+        )
+        event = json.loads(payload)
+    except (stripe.SignatureVerificationError, ValueError) as error:
+        raise WebhookSignatureInvalid(str(error)) from None
+    if not isinstance(event, dict) or not event.get("id") or not event.get("type"):
+        raise WebhookSignatureInvalid("not a Stripe event")
+    return event
