@@ -9,7 +9,7 @@ from django.http import Http404
 from ninja import Field, NinjaAPI, Query, Schema, Status
 from ninja.errors import HttpError, ValidationError
 from ninja.security import HttpBearer
-from pydantic import AfterValidator, ConfigDict, StrictBool, StrictInt, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictInt, StringConstraints
 
 from accounts import clock
 from billing_site.errors import BillingError
@@ -116,7 +116,10 @@ def _in_utc(moment: datetime) -> datetime:
 UtcDatetime = Annotated[datetime, AfterValidator(_in_utc)]
 
 
-class Strict(Schema):
+class Strict(BaseModel):
+    """Request bodies: plain pydantic models (validating through ninja's Schema, which resolves
+    Django attributes, costs several times more on a 1,000-event batch)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
