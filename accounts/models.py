@@ -125,6 +125,19 @@ class Subscription(models.Model):
     overage_cap_cents = models.PositiveIntegerField(
         null=True, blank=True, help_text="Monthly overage cap in cents; empty means no cap."
     )
+    scheduled_plan = models.ForeignKey(
+        Plan,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="A downgrade the customer scheduled: applied when the current period closes.",
+    )
+    upgrade_pending_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Set while an upgrade is being paid for, so a second one cannot start meanwhile.",
+    )
     monthly_credits_override = models.PositiveIntegerField(null=True, blank=True)
     rpm_override = models.PositiveIntegerField(null=True, blank=True)
     concurrent_jobs_override = models.PositiveIntegerField(null=True, blank=True)
@@ -142,7 +155,11 @@ class Subscription(models.Model):
 
     @property
     def rpm(self) -> int:
-        return self.rpm_override if self.rpm_override is not None else self.plan.rpm
+        """Staff's override, else the higher of the plan's and the commitment tier's (DESIGN §2)."""
+        if self.rpm_override is not None:
+            return self.rpm_override
+        commitment = getattr(self.org, "commitment", None)  # usage.Commitment; None without one
+        return max(self.plan.rpm, commitment.rpm if commitment is not None else 0)
 
     @property
     def concurrent_jobs(self) -> int:
@@ -223,3 +240,32 @@ class BillingClock(models.Model):
 
     def __str__(self):
         return f"billing clock (offset {self.offset})"
+
+
+class CompanySize(models.TextChoices):
+    SMALL = "1-10", "1–10 people"
+    MEDIUM = "11-50", "11–50 people"
+    LARGE = "51-200", "51–200 people"
+    XLARGE = "201-1000", "201–1,000 people"
+    HUGE = "1001+", "More than 1,000 people"
+
+
+class ContactRequest(models.Model):
+    """An Enterprise enquiry from "Contact sales": staff answer it and tick `handled` in admin."""
+
+    org = models.ForeignKey(
+        Organisation, on_delete=models.SET_NULL, null=True, blank=True, related_name="contact_requests"
+    )
+    user = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    name = models.CharField(max_length=200)
+    email = models.EmailField("e-mail address")
+    company_size = models.CharField(max_length=10, choices=CompanySize.choices)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    handled = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.name} <{self.email}> ({self.created_at:%d %b %Y})"

@@ -173,6 +173,10 @@ def plans(request):
     return render(request, template, context)
 
 
+# Refusals after which the change may still complete (pending at the bank) or money was taken.
+_CHANGE_MAY_HAVE_HAPPENED = ("PAYMENT_PENDING", "UPGRADE_NOT_APPLIED")
+
+
 def _change_and_card(request, plan):
     """The preview of the change to `plan` and whether a card is needed and on file."""
     sub = _subscription(request.org)
@@ -221,7 +225,7 @@ def plan_change(request, code):
             text = _plan_change_apply(request, plan, form)
         except BillingError as error:  # declined, no card, the charge changed: nothing changed
             message = error.message
-            if "nothing" not in message.lower() and error.code not in ("PAYMENT_PENDING", "UPGRADE_NOT_APPLIED"):
+            if "nothing" not in message.lower() and error.code not in _CHANGE_MAY_HAVE_HAPPENED:
                 message += " Nothing was changed."
             messages.error(request, message)
             try:

@@ -64,6 +64,12 @@ class Invoice(models.Model):
     voided_at = models.DateTimeField(null=True, blank=True)
     refunded_at = models.DateTimeField(null=True, blank=True)
     staff_note = models.TextField(blank=True, help_text="Why staff marked it paid, voided or refunded it.")
+    next_attempt_at = models.DateTimeField(
+        null=True, blank=True, help_text="Period invoices: when billing_tick next charges it (billing time)."
+    )
+    first_failed_at = models.DateTimeField(
+        null=True, blank=True, help_text="Billing time of the first failed charge: retries count from it."
+    )
 
     class Meta:
         ordering = ["-created_at", "-pk"]

@@ -29,7 +29,7 @@ def _draft(org, cents=5000):
 
 
 def test_issue_action_numbers_the_selected_drafts(staff_client):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     drafts = [_draft(org), _draft(org)]
     with clock.travel(datetime(2026, 2, 1, tzinfo=UTC)):
         response = staff_client.post(
@@ -41,7 +41,7 @@ def test_issue_action_numbers_the_selected_drafts(staff_client):
 
 
 def test_mark_paid_asks_for_a_reason_then_keeps_it(staff_client):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     invoice = services.invoice_issue(invoice=_draft(org))
     ask = staff_client.post(CHANGELIST, {"action": "mark_paid", ACTION_CHECKBOX_NAME: [invoice.pk]})
     assert ask.status_code == 200 and "Mark invoices paid" in ask.content.decode()
@@ -62,7 +62,7 @@ def test_mark_paid_asks_for_a_reason_then_keeps_it(staff_client):
 
 
 def test_void_action_refuses_paid_invoices_and_voids_drafts_without_a_number(staff_client, django_user_model):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     draft = _draft(org)
     paid = services.invoice_mark_paid(
         invoice=services.invoice_issue(invoice=_draft(org)),
@@ -83,7 +83,7 @@ def test_void_action_refuses_paid_invoices_and_voids_drafts_without_a_number(sta
 
 
 def test_an_issued_invoice_and_its_lines_are_read_only(staff_client):
-    invoice = services.invoice_issue(invoice=_draft(OrgFactory()))
+    invoice = services.invoice_issue(invoice=_draft(OrgFactory(plan="free")))
     page = staff_client.get(reverse("admin:invoices_invoice_change", args=[invoice.pk]))
     assert page.status_code == 200
     html = page.content.decode()
@@ -91,7 +91,7 @@ def test_an_issued_invoice_and_its_lines_are_read_only(staff_client):
 
 
 def test_editing_a_drafts_lines_recomputes_its_totals(staff_client):
-    draft = _draft(OrgFactory())
+    draft = _draft(OrgFactory(plan="free"))
     line = draft.lines.get()
     url = reverse("admin:invoices_invoice_change", args=[draft.pk])
     data = {

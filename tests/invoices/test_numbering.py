@@ -24,13 +24,13 @@ def _draft(org, cents=5000):
 
 
 def test_a_draft_has_no_number():
-    invoice = _draft(OrgFactory())
+    invoice = _draft(OrgFactory(plan="free"))
     assert invoice.status == Invoice.Status.DRAFT
     assert invoice.number is None
 
 
 def test_first_invoice_of_the_year_is_number_one_and_the_next_follows():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with clock.travel(datetime(2026, 3, 14, 9, 30, tzinfo=UTC)):
         first = services.invoice_issue(invoice=_draft(org))
         second = services.invoice_issue(invoice=_draft(org))
@@ -41,7 +41,7 @@ def test_first_invoice_of_the_year_is_number_one_and_the_next_follows():
 
 
 def test_numbers_run_per_calendar_year_of_the_issue_date():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with clock.travel(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)):
         services.invoice_issue(invoice=_draft(org))
         services.invoice_issue(invoice=_draft(org))
@@ -52,7 +52,7 @@ def test_numbers_run_per_calendar_year_of_the_issue_date():
 
 
 def test_a_voided_draft_never_gets_a_number_and_nothing_skips():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with clock.travel(datetime(2026, 5, 1, tzinfo=UTC)):
         voided = services.invoice_void(invoice=_draft(org))
         issued = services.invoice_issue(invoice=_draft(org))
@@ -61,7 +61,7 @@ def test_a_voided_draft_never_gets_a_number_and_nothing_skips():
 
 
 def test_a_rolled_back_issue_gives_its_number_back():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with clock.travel(datetime(2026, 5, 1, tzinfo=UTC)):
         draft = _draft(org)
         with pytest.raises(RuntimeError), transaction.atomic():
@@ -73,7 +73,7 @@ def test_a_rolled_back_issue_gives_its_number_back():
 
 
 def test_issuing_twice_is_refused_and_keeps_the_number():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with clock.travel(datetime(2026, 5, 1, tzinfo=UTC)):
         invoice = services.invoice_issue(invoice=_draft(org))
         with pytest.raises(BillingError) as refused:
@@ -85,7 +85,7 @@ def test_issuing_twice_is_refused_and_keeps_the_number():
 
 
 def test_numbers_keep_six_digits_and_grow_past_them():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     InvoiceNumberSequence.objects.create(year=2026, last=999_999)
     with clock.travel(datetime(2026, 5, 1, tzinfo=UTC)):
         assert services.invoice_issue(invoice=_draft(org)).number == "INV-2026-1000000"
@@ -93,7 +93,7 @@ def test_numbers_keep_six_digits_and_grow_past_them():
 
 def test_totals_add_up_with_tax_and_overage_rounded_half_up_once_per_line(settings):
     settings.INVOICE_TAX_RATE = "20"
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     invoice = services.invoice_draft_create(
         org=org,
         lines=[
@@ -111,12 +111,12 @@ def test_totals_add_up_with_tax_and_overage_rounded_half_up_once_per_line(settin
 
 def test_an_invoice_needs_a_line():
     with pytest.raises(BillingError):
-        services.invoice_draft_create(org=OrgFactory(), lines=[], kind="purchase")
+        services.invoice_draft_create(org=OrgFactory(plan="free"), lines=[], kind="purchase")
 
 
 def test_only_drafts_and_issued_invoices_can_be_voided_and_marked_paid(django_user_model):
     staff = django_user_model.objects.create_user(email="staff@example.com", password="x", is_staff=True)
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with clock.travel(datetime(2026, 6, 2, tzinfo=UTC)):
         invoice = services.invoice_issue(invoice=_draft(org))
         with pytest.raises(BillingError):
@@ -131,14 +131,16 @@ def test_only_drafts_and_issued_invoices_can_be_voided_and_marked_paid(django_us
 def test_marking_a_draft_paid_issues_it_first(django_user_model):
     staff = django_user_model.objects.create_user(email="staff2@example.com", password="x", is_staff=True)
     with clock.travel(datetime(2026, 6, 2, tzinfo=UTC)):
-        paid = services.invoice_mark_paid(invoice=_draft(OrgFactory()), reason="Cheque", actor=staff)
+        paid = services.invoice_mark_paid(
+            invoice=_draft(OrgFactory(plan="free")), reason="Cheque", actor=staff
+        )
     assert paid.number == "INV-2026-000001" and paid.status == Invoice.Status.PAID
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_ten_threads_issuing_at_once_get_numbers_one_to_ten():
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     drafts = [_draft(org) for _ in range(10)]
     barrier = threading.Barrier(10)
     errors = []

@@ -45,14 +45,14 @@ def _intents(org):
 
 
 def test_card_on_file_only_once_a_card_is_saved(stripe_card):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     assert services.card_on_file(org=org) is False
     stripe_card(org)
     assert services.card_on_file(org=org) is True
 
 
 def test_a_card_confirmed_through_a_setup_intent_is_saved_as_the_default(stripe_card):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     card = stripe_card(org, "4242424242424242")
     assert (card.brand, card.last4, card.exp_month, card.exp_year, card.is_default) == (
         "visa",
@@ -67,7 +67,7 @@ def test_a_card_confirmed_through_a_setup_intent_is_saved_as_the_default(stripe_
 
 
 def test_a_card_already_attached_to_the_customer_is_saved_and_saving_twice_keeps_one(localstripe):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     customer = stripe_gateway.customer_ensure(org)
     stripe_gateway.configure()
     pm = stripe.PaymentMethod.create(
@@ -81,7 +81,7 @@ def test_a_card_already_attached_to_the_customer_is_saved_and_saving_twice_keeps
 
 
 def test_a_refused_card_stores_nothing(localstripe):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     setup = services.payment_method_setup_start(org=org)
     stripe_gateway.configure()
     pm = stripe.PaymentMethod.create(
@@ -100,7 +100,7 @@ def test_a_refused_card_stores_nothing(localstripe):
 
 
 def test_another_organisations_card_is_refused(stripe_card):
-    mine, theirs = OrgFactory(), OrgFactory()
+    mine, theirs = OrgFactory(plan="free"), OrgFactory(plan="free")
     services.payment_method_setup_start(org=mine)
     their_card = stripe_card(theirs)
     with pytest.raises(BillingError) as refused:
@@ -110,7 +110,7 @@ def test_another_organisations_card_is_refused(stripe_card):
 
 
 def test_another_organisations_setup_intent_cannot_attach_a_card(localstripe):
-    mine, theirs = OrgFactory(), OrgFactory()
+    mine, theirs = OrgFactory(plan="free"), OrgFactory(plan="free")
     services.payment_method_setup_start(org=mine)
     their_setup = services.payment_method_setup_start(org=theirs)
     stripe_gateway.configure()
@@ -163,7 +163,7 @@ def test_cards_of_another_organisation_are_not_found(stripe_card):
 
 
 def test_a_successful_purchase_issues_the_invoice_paid_and_calls_on_paid_once(stripe_card, on_paid):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     with clock.travel(datetime(2026, 4, 9, 12, tzinfo=UTC)):
         invoice = services.purchase_charge(org=org, lines=PACK, description="Credit pack", on_paid=on_paid)
@@ -182,7 +182,7 @@ def test_a_successful_purchase_issues_the_invoice_paid_and_calls_on_paid_once(st
 
 
 def test_a_declined_card_voids_the_draft_without_a_number_and_grants_nothing(stripe_card, on_paid):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org, DECLINES_CHARGES)
     with clock.travel(datetime(2026, 4, 9, tzinfo=UTC)):
         with pytest.raises(PaymentDeclined) as declined:
@@ -202,7 +202,7 @@ def test_a_declined_card_voids_the_draft_without_a_number_and_grants_nothing(str
 
 
 def test_without_a_card_nothing_is_created(localstripe, on_paid):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     with pytest.raises(BillingError) as refused:
         services.purchase_charge(org=org, lines=PACK, description="Credit pack", on_paid=on_paid)
     assert refused.value.code == "PAYMENT_METHOD_REQUIRED"
@@ -212,7 +212,7 @@ def test_without_a_card_nothing_is_created(localstripe, on_paid):
 def test_a_crash_after_stripe_charged_is_finished_by_reconcile_with_one_payment_intent(
     stripe_card, on_paid, monkeypatch
 ):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     real_create = stripe_gateway.payment_intent_create_off_session
 
@@ -246,7 +246,7 @@ def test_a_crash_after_stripe_charged_is_finished_by_reconcile_with_one_payment_
 
 
 def test_a_crash_before_stripe_was_called_voids_the_draft_on_reconcile(stripe_card, on_paid, monkeypatch):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
 
     def crash(**kwargs):
@@ -263,7 +263,7 @@ def test_a_crash_before_stripe_was_called_voids_the_draft_on_reconcile(stripe_ca
 
 
 def test_a_crash_after_a_decline_is_settled_as_declined(stripe_card, on_paid, monkeypatch):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org, DECLINES_CHARGES)
     real_create = stripe_gateway.payment_intent_create_off_session
 
@@ -285,7 +285,7 @@ def test_a_crash_after_a_decline_is_settled_as_declined(stripe_card, on_paid, mo
 def test_stripe_unreachable_charges_nothing_and_reconcile_voids_the_draft_later(
     stripe_card, on_paid, settings, localstripe
 ):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     settings.STRIPE_API_BASE = "http://127.0.0.1:9"  # nothing listens there
     with pytest.raises(StripeUnavailable) as unavailable:
@@ -303,7 +303,7 @@ def test_stripe_unreachable_charges_nothing_and_reconcile_voids_the_draft_later(
 
 
 def test_on_paid_failing_rolls_back_and_reconcile_grants_once(stripe_card, monkeypatch):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
 
     def broken(invoice):
@@ -325,7 +325,7 @@ def test_on_paid_failing_rolls_back_and_reconcile_grants_once(stripe_card, monke
 
 
 def test_a_declined_period_invoice_stays_issued_and_attempts_stop_at_four(stripe_card):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org, DECLINES_CHARGES)
     invoice = services.invoice_issue(
         invoice=services.invoice_draft_create(
@@ -344,7 +344,7 @@ def test_a_declined_period_invoice_stays_issued_and_attempts_stop_at_four(stripe
 
 
 def test_a_period_invoice_charged_successfully_is_paid(stripe_card):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     invoice = services.invoice_issue(
         invoice=services.invoice_draft_create(
@@ -359,7 +359,7 @@ def test_a_period_invoice_charged_successfully_is_paid(stripe_card):
 
 
 def test_refund_through_the_gateway(stripe_card, on_paid):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     invoice = services.purchase_charge(org=org, lines=PACK, description="Credit pack", on_paid=on_paid)
     attempt = invoice.attempts.get()

@@ -33,7 +33,7 @@ def _issued(org, *, at=datetime(2026, 3, 14, tzinfo=UTC), lines=None, kind="peri
 
 @pytest.fixture
 def member_client(client):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     membership = member_add(org_id=org.pk, email="member@example.com", role="member")
     client.force_login(membership.user)
     client.org = org
@@ -66,7 +66,7 @@ def test_signed_out_visitors_go_to_the_login_page(client):
 
 
 def test_another_organisations_invoice_is_not_found(client):
-    mine, theirs = OrgFactory(), OrgFactory()
+    mine, theirs = OrgFactory(plan="free"), OrgFactory(plan="free")
     their_invoice = _issued(theirs)
     client.force_login(owner(mine))
     assert client.get(reverse("billing:invoice", args=[their_invoice.number])).status_code == 404
@@ -74,7 +74,7 @@ def test_another_organisations_invoice_is_not_found(client):
 
 
 def test_billing_admin_sees_invoices(client):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     admin = member_add(org_id=org.pk, email="admin@example.com", role="billing_admin")
     client.force_login(admin.user)
     assert client.get(reverse("billing:invoices")).status_code == 200
@@ -84,7 +84,7 @@ def test_billing_admin_sees_invoices(client):
 
 
 def test_invoices_lists_issued_invoices_only_with_status_words(client):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     start, end = datetime(2026, 3, 14, tzinfo=UTC), datetime(2026, 4, 14, tzinfo=UTC)
     issued = _issued(org, period_start=start, period_end=end)
     with clock.travel(datetime(2026, 3, 20, tzinfo=UTC)):
@@ -104,14 +104,14 @@ def test_invoices_lists_issued_invoices_only_with_status_words(client):
 
 
 def test_invoices_empty_state_says_what_will_appear(client):
-    client.force_login(owner(OrgFactory()))
+    client.force_login(owner(OrgFactory(plan="free")))
     html = client.get(reverse("billing:invoices")).content.decode()
     assert "No invoices yet" in html
 
 
 def test_invoice_detail_shows_the_exact_breakdown(client, settings):
     settings.INVOICE_TAX_RATE = "20"
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     invoice = _issued(
         org,
         lines=[LineSpec("Starter plan, next month", 1, 5000), RateLineSpec("Overage", 1252, Decimal("1.25"))],
@@ -140,11 +140,11 @@ def test_invoice_detail_shows_the_exact_breakdown(client, settings):
         org.name,
     ):
         assert text in html, text
-    assert ".pdf" not in html
+    assert f"{invoice.number}.pdf" in html  # the Download PDF link
 
 
 def test_a_paid_invoice_says_paid(client, django_user_model):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     invoice = _issued(org)
     staff = django_user_model.objects.create_user(email="staff@example.com", password="x", is_staff=True)
     services.invoice_mark_paid(invoice=invoice, reason="wire", actor=staff)
@@ -157,7 +157,7 @@ def test_a_paid_invoice_says_paid(client, django_user_model):
 
 
 def test_payment_methods_lists_cards_and_offers_the_card_form(client, stripe_card, localstripe):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     client.force_login(owner(org))
     response = client.get(reverse("billing:payment_methods"))
@@ -173,13 +173,13 @@ def test_payment_methods_lists_cards_and_offers_the_card_form(client, stripe_car
 
 
 def test_payment_methods_empty_state(client, localstripe):
-    client.force_login(owner(OrgFactory()))
+    client.force_login(owner(OrgFactory(plan="free")))
     html = client.get(reverse("billing:payment_methods")).content.decode()
     assert "No card yet" in html
 
 
 def test_stripe_unavailable_shows_the_plain_message_and_the_cards(client, settings, stripe_card):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     settings.STRIPE_API_BASE = "http://127.0.0.1:9"
     client.force_login(owner(org))
@@ -193,7 +193,7 @@ def test_stripe_unavailable_shows_the_plain_message_and_the_cards(client, settin
 
 def test_stripe_unavailable_on_a_new_organisation_is_no_500(client, settings):
     settings.STRIPE_API_BASE = "http://127.0.0.1:9"
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     client.force_login(owner(org))
     response = client.get(reverse("billing:payment_methods"))
     assert response.status_code == 200 and UNAVAILABLE in response.content.decode()
@@ -204,7 +204,7 @@ def test_stripe_unavailable_on_a_new_organisation_is_no_500(client, settings):
 
 
 def test_adding_a_card_by_posting_the_setup_intent(client, localstripe):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     client.force_login(owner(org))
     client.get(reverse("billing:payment_methods"))  # makes the customer and a SetupIntent
     setup = services.payment_method_setup_start(org=org)
@@ -224,7 +224,7 @@ def test_adding_a_card_by_posting_the_setup_intent(client, localstripe):
 
 
 def test_posting_someone_elses_card_shows_an_error_and_stores_nothing(client, stripe_card):
-    mine, theirs = OrgFactory(), OrgFactory()
+    mine, theirs = OrgFactory(plan="free"), OrgFactory(plan="free")
     their_card = stripe_card(theirs)
     client.force_login(owner(mine))
     response = client.post(
@@ -239,7 +239,7 @@ def test_posting_someone_elses_card_shows_an_error_and_stores_nothing(client, st
 
 
 def test_posting_without_a_card_asks_for_one(client, localstripe):
-    client.force_login(owner(OrgFactory()))
+    client.force_login(owner(OrgFactory(plan="free")))
     response = client.post(reverse("billing:payment_method_add"), {"payment_method": ""})
     assert response.status_code == 400
     assert "Enter your card details, then choose Add card." in response.content.decode()
@@ -271,7 +271,7 @@ def test_removing_the_only_card_on_a_paid_plan_is_explained(client, stripe_card)
 
 
 def test_make_default_from_the_page(client, stripe_card):
-    org = OrgFactory()
+    org = OrgFactory(plan="free")
     stripe_card(org)
     second = stripe_card(org, "5555555555554444")
     client.force_login(owner(org))

@@ -43,7 +43,9 @@ def test_a_bad_signature_is_400_and_stored_nowhere(client):
 
 
 @override_settings(STRIPE_WEBHOOK_SECRET=SECRET)
-def test_the_same_event_twice_is_stored_and_processed_once(client, django_capture_on_commit_callbacks, monkeypatch):
+def test_the_same_event_twice_is_stored_and_processed_once(
+    client, django_capture_on_commit_callbacks, monkeypatch
+):
     processed = []
     monkeypatch.setattr(services, "_webhook_payment_settle", lambda payload: processed.append(payload["id"]))
     monkeypatch.setattr("invoices.webhooks._queue", lambda pk: services.webhook_event_process(event_pk=pk))
@@ -54,7 +56,10 @@ def test_the_same_event_twice_is_stored_and_processed_once(client, django_captur
     assert StripeWebhookEvent.objects.count() == 1
     assert processed == ["evt_2"]
     assert StripeWebhookEvent.objects.get().status == WebhookStatus.PROCESSED
-    assert services.webhook_event_process(event_pk=StripeWebhookEvent.objects.get().pk) == WebhookStatus.PROCESSED
+    assert (
+        services.webhook_event_process(event_pk=StripeWebhookEvent.objects.get().pk)
+        == WebhookStatus.PROCESSED
+    )
     assert processed == ["evt_2"]
 
 
