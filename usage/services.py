@@ -711,3 +711,20 @@ def overage_absorb(
         CreditAccount.objects.filter(pk=org_id).update(balance=F("balance") - credits)
         BillingPeriod.objects.filter(pk=period_id).update(overage_credits=F("overage_credits") - credits)
     return credits
+
+
+def low_balance_alerts_run() -> int:
+    """billing_tick's step (beat runs it every minute): sends the e-mails now due and re-arms the
+    alerts whose balance has recovered. Only alerts whose state must change are visited."""
+    from django.db.models import Q
+
+    from usage.models import LowBalanceAlert
+
+    moving = LowBalanceAlert.objects.filter(enabled=True).filter(
+        Q(armed=True, org__credit_account__balance__lt=F("threshold"))
+        | Q(armed=False, org__credit_account__balance__gte=F("threshold"))
+    )
+    sent = 0
+    for org_id in list(moving.values_list("org_id", flat=True)):
+        sent += low_balance_alert_send(org_id=org_id)
+    return sent

@@ -1,12 +1,14 @@
 """Settings → Billing → Notifications: the low-balance alert page and its state machine (DESIGN §4)."""
 
 import html as htmllib
+import io
 import re
 
 import pytest
 from django.urls import reverse
 from django.utils.html import strip_tags
 
+from accounts import clock
 from accounts.services import member_add
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
@@ -361,3 +363,28 @@ def test_service_refuses_what_the_form_refuses(org):
         with pytest.raises(BillingError):
             save(org, **kwargs)
     assert not LowBalanceAlert.objects.exists()
+
+
+def test_billing_tick_sends_the_low_balance_email_once_and_re_arms_after_a_top_up(mailoutbox):
+    from django.core.management import call_command
+
+    from usage import services as usage_services
+    from usage.models import Bucket, LowBalanceAlert
+
+    org = OrgFactory(plan="free")
+    LowBalanceAlert.objects.create(org=org, enabled=True, threshold=5_000, recipients=["ops@example.com"])
+    sub = org.subscription
+    usage_services.usage_events_record(
+        sub=sub, events=[usage_services.EventIn("a", "parse", "base", 6_000, clock.now())]
+    )
+    call_command("billing_tick", stdout=io.StringIO())
+    call_command("billing_tick", stdout=io.StringIO())
+    assert len(mailoutbox) == 1 and mailoutbox[0].to == ["ops@example.com"]
+    usage_services.lot_grant(org_id=org.pk, bucket=Bucket.PURCHASED, credits=2_000, source="top-up")
+    call_command("billing_tick", stdout=io.StringIO())
+    assert LowBalanceAlert.objects.get(org=org).armed
+    usage_services.usage_events_record(
+        sub=sub, events=[usage_services.EventIn("b", "parse", "base", 3_000, clock.now())]
+    )
+    call_command("billing_tick", stdout=io.StringIO())
+    assert len(mailoutbox) == 2
