@@ -766,14 +766,9 @@ def contact_request_create(
     return enquiry
 
 
-def _upgrade_handler_register() -> None:
+def upgrade_handler_register() -> None:
     """Tells the payments app how to finish a paid upgrade (its reconciler calls the handler when
-    a request died after Stripe charged). Runs when this module is first imported."""
-    try:
-        from invoices import services as invoice_services
-    except ImportError:  # the payments app is not installed
-        return
+    a request died after Stripe charged). Called by AccountsConfig.ready()."""
+    from invoices import services as invoice_services
+
     invoice_services.on_paid_register("upgrade", upgrade_fulfil)
-
-
-_upgrade_handler_register()

@@ -172,10 +172,11 @@ class InvoiceEstimate:
 def next_invoice_estimate(*, sub: Subscription, balance: Balance) -> InvoiceEstimate:
     """What the period close will bill: the next period's plan fee in advance and this period's
     overage so far in arrears."""
+    next_plan = sub.scheduled_plan or sub.plan  # a scheduled downgrade bills the new plan's fee
     return InvoiceEstimate(
         date=balance.period_end,
-        plan_name=sub.plan.name,
-        plan_cents=sub.price_cents,
+        plan_name=next_plan.name,
+        plan_cents=sub.price_cents if next_plan == sub.plan else next_plan.price_cents,
         overage_cents=balance.overage_cents,
     )
 
