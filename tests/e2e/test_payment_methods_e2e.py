@@ -62,7 +62,7 @@ def test_owner_adds_a_card_with_stripe_js_then_reads_the_invoice_it_paid(browsin
         assert any(invoice.number in row for row in b.page.get_by_test_id("invoice-row").all_inner_texts())
         b.shot("invoices")
         b.assert_accessible()
-        b.page.get_by_role("link", name=invoice.number).click()
+        b.page.get_by_role("link", name=invoice.number, exact=True).click()
         b.page.wait_for_url(f"**/invoices/{invoice.number}/")
         assert b.page.get_by_test_id("invoice-total").inner_text() == "$50.00"
         assert b.page.get_by_test_id("invoice-status").inner_text() == "Paid"
