@@ -12,3 +12,4 @@ class UsageConfig(AppConfig):
 
         post_save.connect(catalog_forget, sender=Operation, dispatch_uid="catalog_forget_save")
         post_delete.connect(catalog_forget, sender=Operation, dispatch_uid="catalog_forget_delete")
+        import usage.credits  # noqa: F401  (registers the paid-handler that grants purchased credits)

@@ -371,7 +371,9 @@ class Commitment(models.Model):
     """An organisation's commitment: its term, the tier its purchases reached in the current
     commitment period (managed automatically) and a staff override with its reason."""
 
-    org = models.OneToOneField(Organisation, on_delete=models.CASCADE, primary_key=True, related_name="commitment")
+    org = models.OneToOneField(
+        Organisation, on_delete=models.CASCADE, primary_key=True, related_name="commitment"
+    )
     term = models.CharField(
         max_length=10,
         choices=CommitmentTerm.choices,
@@ -419,7 +421,9 @@ class CommitmentPeriod(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["org", "start"], name="one_commitment_period_per_start"),
             models.CheckConstraint(condition=Q(end__gt=F("start")), name="commitment_period_not_empty"),
-            models.CheckConstraint(condition=Q(purchased_cents__gte=0), name="commitment_purchases_not_negative"),
+            models.CheckConstraint(
+                condition=Q(purchased_cents__gte=0), name="commitment_purchases_not_negative"
+            ),
         ]
 
     def __str__(self):
@@ -462,7 +466,9 @@ class CreditPurchase(models.Model):
     amount_cents = models.BigIntegerField(help_text="Before tax: what counts towards the tier.")
     credits = models.BigIntegerField(help_text="Purchased credits (never expire).")
     bonus_credits = models.BigIntegerField(default=0, help_text="Granted with it, set when paid.")
-    tier = models.CharField(max_length=10, choices=Tier.choices, default=Tier.NONE, help_text="Reached with it.")
+    tier = models.CharField(
+        max_length=10, choices=Tier.choices, default=Tier.NONE, help_text="Reached with it."
+    )
     occurrence = models.CharField(max_length=7, blank=True, help_text="Scheduled recharges: 2026-05 or 2026.")
     invoice = models.OneToOneField(
         "invoices.Invoice", on_delete=models.PROTECT, null=True, blank=True, related_name="credit_purchase"
@@ -471,14 +477,18 @@ class CreditPurchase(models.Model):
         CommitmentPeriod, on_delete=models.PROTECT, null=True, blank=True, related_name="purchases"
     )
     lot = models.OneToOneField(CreditLot, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
-    bonus_lot = models.OneToOneField(CreditLot, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    bonus_lot = models.OneToOneField(
+        CreditLot, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
     message = models.CharField(max_length=300, blank=True, help_text="Why it was declined or failed.")
     created_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     created_at = models.DateTimeField()
     paid_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     refund_requested_at = models.DateTimeField(
-        null=True, blank=True, help_text="Credits removed; the Stripe refund follows (billing_tick retries it)."
+        null=True,
+        blank=True,
+        help_text="Credits removed; the Stripe refund follows (billing_tick retries it).",
     )
     refunded_at = models.DateTimeField(null=True, blank=True)
     stripe_refund_id = models.CharField(max_length=255, blank=True)
@@ -544,16 +554,24 @@ class RechargeSetting(models.Model):
     amount_dollars = models.PositiveIntegerField(
         null=True, blank=True, help_text="Scheduled: whole dollars; buys amount × 800 credits plus the bonus."
     )
-    frequency = models.CharField(max_length=10, choices=RechargeFrequency.choices, default=RechargeFrequency.MONTHLY)
+    frequency = models.CharField(
+        max_length=10, choices=RechargeFrequency.choices, default=RechargeFrequency.MONTHLY
+    )
     billing_day = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="Day of the month (the 31st falls to the month's last day)."
     )
-    billing_month = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Yearly: the month, 1–12.")
+    billing_month = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Yearly: the month, 1–12."
+    )
     schedule_from = models.DateField(
-        null=True, blank=True, help_text="The first billing date it may charge (billing dates before it are skipped)."
+        null=True,
+        blank=True,
+        help_text="The first billing date it may charge (billing dates before it are skipped).",
     )
     monthly_cap_cents = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Recharges in one UTC calendar month never add up to more; empty: no cap."
+        null=True,
+        blank=True,
+        help_text="Recharges in one UTC calendar month never add up to more; empty: no cap.",
     )
     failures = models.PositiveSmallIntegerField(default=0, help_text="Declined or failed recharges in a row.")
     first_failed_at = models.DateTimeField(null=True, blank=True)
@@ -569,7 +587,8 @@ class RechargeSetting(models.Model):
     class Meta:
         constraints = [
             models.CheckConstraint(
-                condition=Q(threshold__isnull=True) | Q(threshold__gte=1, threshold__lte=MAX_RECHARGE_THRESHOLD),
+                condition=Q(threshold__isnull=True)
+                | Q(threshold__gte=1, threshold__lte=MAX_RECHARGE_THRESHOLD),
                 name="recharge_threshold_in_range",
             ),
             models.CheckConstraint(
@@ -597,3 +616,8 @@ class RechargeSetting(models.Model):
     @property
     def backing_off(self) -> bool:
         return self.next_try_at is not None
+
+    @property
+    def scheduled_credits(self) -> int:
+        """What one scheduled recharge buys before the bonus: $X × 800."""
+        return (self.amount_dollars or 0) * CREDITS_PER_DOLLAR

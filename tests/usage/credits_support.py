@@ -1,0 +1,99 @@
+"""Helpers and fixtures for the prepaid-credits tests (tests/usage/test_credits*.py)."""
+
+import importlib
+from datetime import UTC, datetime
+from io import StringIO
+
+import pytest
+from django.apps import apps
+from django.core.management import call_command
+
+from accounts import clock
+from accounts.models import Subscription
+from invoices import stripe_gateway
+from usage import services
+from usage.models import Bucket, CreditAccount, CreditLot, CreditPack
+
+DECLINING_CARD = "4000000000000341"  # localstripe: attaches, then every charge is declined
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def tick(when: str) -> str:
+    out = StringIO()
+    call_command("billing_tick", "--at", when, stdout=out)
+    clock.forget()
+    return out.getvalue()
+
+
+def sub_of(org) -> Subscription:
+    return Subscription.objects.select_related("plan", "org").get(org=org)
+
+
+def owner_of(org):
+    return org.memberships.get().user
+
+
+def balance(org) -> int:
+    return CreditAccount.objects.get(org=org).balance
+
+
+def bucket_total(org, bucket) -> int:
+    return sum(CreditLot.objects.filter(org=org, bucket=bucket).values_list("remaining", flat=True))
+
+
+def spend(org, credits: int, tag: str):
+    """Charges `credits` through usage events (parse/base costs 1 credit a unit)."""
+    batch = [services.EventIn(tag, "parse", "base", credits, clock.now())]
+    return services.usage_events_record(sub=sub_of(org), events=batch)
+
+
+def job(org, pages: int):
+    """Starts (holds) a parse/base job of `pages` credits."""
+    req = services.JobRequest("parse", "base", False, pages, "pdf", 1_000)
+    return services.job_start(sub=sub_of(org), req=req)[0]
+
+
+def pack(price_dollars: int) -> CreditPack:
+    return CreditPack.objects.get(price_cents=price_dollars * 100)
+
+
+def ensure_packs() -> None:
+    """The seeded packs (a transactional test's flush removes what migrations seeded)."""
+    if not CreditPack.objects.exists():
+        importlib.import_module("usage.migrations.0005_default_packs").add_packs(apps, None)
+
+
+def payment_intents(org) -> list:
+    """The PaymentIntents localstripe holds for the organisation's purchase invoices (a paid
+    plan's own first invoice is charged too, and is not counted here)."""
+    from invoices.models import Invoice
+
+    org.refresh_from_db()
+    if not org.stripe_customer_id:
+        return []
+    ours = {str(pk) for pk in Invoice.objects.filter(org=org, kind="purchase").values_list("pk", flat=True)}
+    found = stripe_gateway.payment_intents_list(customer_id=org.stripe_customer_id)
+    return [pi for pi in found if pi.metadata.get("invoice_id") in ours]
+
+
+@pytest.fixture
+def packs(db):
+    ensure_packs()
+    return {p.price_cents // 100: p for p in CreditPack.objects.all()}
+
+
+@pytest.fixture
+def eager_tasks():
+    """Celery tasks run in the calling thread (as a worker would run them, right after commit)."""
+    from billing_site.celery import app
+
+    before = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = before
+
+
+__all__ = ["Bucket", "DECLINING_CARD"]
