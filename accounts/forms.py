@@ -15,6 +15,9 @@ class EmailLoginForm(AuthenticationForm):
         "inactive": "This account is inactive.",
     }
 
+    def clean_username(self):
+        return self.cleaned_data["username"].lower()  # addresses are stored lower-case
+
 
 class SignupForm(forms.Form):
     email = forms.EmailField(label="E-mail", widget=forms.EmailInput(attrs={"autocomplete": "email"}))
