@@ -46,6 +46,7 @@ def _seed_catalog():
     """Puts back the catalog the data migrations seed (a transactional test's flush removes it)."""
     importlib.import_module("accounts.migrations.0002_default_plans").add_plans(apps, None)
     importlib.import_module("usage.migrations.0002_default_operations").add_operations(apps, None)
+    importlib.import_module("usage.migrations.0005_default_packs").add_packs(apps, None)
 
 
 @pytest.fixture(autouse=True)
