@@ -243,7 +243,7 @@ def api_key_authenticate(raw: str) -> ApiKey | None:
     if match is None:
         return None
     key = (
-        ApiKey.objects.select_related("org__subscription__plan")
+        ApiKey.objects.select_related("org__subscription__plan", "org__commitment")
         .filter(prefix=match.group(1), revoked_at__isnull=True)
         .first()
     )
