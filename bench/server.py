@@ -1,12 +1,16 @@
 """The benchmark's own world: a fresh PostgreSQL database, a flushed Redis db, the migrated schema,
-one organisation without limits, and gunicorn (2 sync workers) on a free loopback port.
+one organisation without limits (its owner can sign in with a password), and gunicorn (2 sync
+workers) on a free loopback port.
 
-`bench_server()` is a context manager that undoes all of it on the way out, errors included.
+`bench_server()` is a context manager that undoes all of it on the way out, errors included. The
+database and Redis db have fixed names, so one run at a time: a second run on the machine waits.
 """
 
 import contextlib
+import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +33,9 @@ DATABASE_URL = f"{PG_SERVER}/{DB_NAME}"
 REDIS_URL = "redis://127.0.0.1:6379/14"
 GUNICORN_WORKERS = 2
 STARTUP_SECONDS = 30
+LOCK_FILE = Path(tempfile.gettempdir()) / f"{DB_NAME}.lock"
+OWNER_EMAIL = "bench@example.com"
+OWNER_PASSWORD = secrets.token_urlsafe(16)  # a fresh one each run; the database is dropped anyway
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class Server:
     api_key: str
     org_id: int
     database_url: str
+    owner_email: str = OWNER_EMAIL
+    owner_password: str = OWNER_PASSWORD
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -83,7 +92,8 @@ def _prepare_database() -> tuple[int, str]:
         "create_org",
         "--name=Bench",
         "--plan=pro",
-        "--owner-email=bench@example.com",
+        f"--owner-email={OWNER_EMAIL}",
+        f"--password={OWNER_PASSWORD}",
         "--monthly-credits=1000000000",
         "--rpm=100000000",
         "--concurrent-jobs=100000",
@@ -132,7 +142,25 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def _one_run_at_a_time() -> Iterator[None]:
+    """Held while a run owns the database and Redis db; the lock goes with the process."""
+    with LOCK_FILE.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another benchmark run on this machine to finish ({LOCK_FILE})", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def bench_server() -> Iterator[Server]:
+    with _one_run_at_a_time(), _bench_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _bench_server() -> Iterator[Server]:
     log = Path(tempfile.mkstemp(prefix="bench-gunicorn-", suffix=".log")[1])
     proc = None
     try:
