@@ -1,11 +1,10 @@
 """Invoice numbers: INV-YYYY-NNNNNN per calendar year of the issue date, gapless, assigned at issue."""
 
-import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
 from accounts import clock
 from billing_site.errors import BillingError
@@ -13,6 +12,7 @@ from invoices import services
 from invoices.models import Invoice, InvoiceNumberSequence
 from invoices.services import LineSpec, RateLineSpec
 from tests.factories import OrgFactory
+from tests.threads import in_threads
 
 pytestmark = pytest.mark.django_db
 
@@ -142,25 +142,9 @@ def test_marking_a_draft_paid_issues_it_first(django_user_model):
 def test_ten_threads_issuing_at_once_get_numbers_one_to_ten():
     org = OrgFactory(plan="free")
     drafts = [_draft(org) for _ in range(10)]
-    barrier = threading.Barrier(10)
-    errors = []
-
-    def issue(draft):
-        try:
-            barrier.wait()
-            services.invoice_issue(invoice=draft)
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-        finally:
-            connection.close()
-
     with clock.travel(datetime(2026, 8, 20, tzinfo=UTC)):
-        threads = [threading.Thread(target=issue, args=(d,)) for d in drafts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert errors == []
+        results = in_threads(10, lambda i: services.invoice_issue(invoice=drafts[i]))
+    assert [r for r in results if isinstance(r, Exception)] == []
     numbers = sorted(Invoice.objects.filter(org=org).values_list("number", flat=True))
     assert numbers == [f"INV-2026-{n:06d}" for n in range(1, 11)]
     assert InvoiceNumberSequence.objects.get(year=2026).last == 10

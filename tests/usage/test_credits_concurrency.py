@@ -1,13 +1,11 @@
 """Auto-recharge and purchases under real concurrency (PostgreSQL, threads, real transactions,
 localstripe): one recharge in flight, the monthly cap never exceeded, a form charged once."""
 
-import threading
-
 import pytest
-from django.db import connection
 
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
+from tests.threads import in_threads
 from tests.usage import credits_support
 from tests.usage.credits_support import (
     balance,
@@ -24,28 +22,6 @@ from usage.models import CreditPurchase, PurchaseKind, PurchaseStatus, RechargeK
 eager_tasks = credits_support.eager_tasks  # a fixture
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-
-def in_threads(n, work):
-    """Runs work(i) in n threads released at once; returns their results or exceptions."""
-    barrier = threading.Barrier(n)
-    results = [None] * n
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = work(i)
-        except Exception as error:  # noqa: BLE001 - the test inspects what each thread got
-            results[i] = error
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
 
 
 @pytest.fixture

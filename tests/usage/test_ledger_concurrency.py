@@ -1,41 +1,17 @@
 """Real threads, real transactions, on PostgreSQL: holds never overspend a balance, an event id
 counts once, an Idempotency-Key holds once."""
 
-import threading
-
 import pytest
-from django.db import connection
 
 from accounts.models import Subscription
 from billing_site.errors import BillingError
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
+from tests.threads import in_threads
 from usage import services
 from usage.models import CreditAccount, Job, UsageEvent
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-
-def in_threads(n, work):
-    """Runs work(i) in n threads released at once; returns their results or exceptions."""
-    barrier = threading.Barrier(n)
-    results = [None] * n
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = work(i)
-        except Exception as error:  # noqa: BLE001 - the test inspects what each thread got
-            results[i] = error
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def sub_of(org):
