@@ -25,15 +25,6 @@ def event(event_id, units, product="parse", mode="audio"):
     }
 
 
-def assert_error(response, status, code):
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert body["success"] is False
-    assert body["error"]["code"] == code
-    assert body["error"]["request_id"] == response["X-Request-Id"]
-    return body["error"]
-
-
 # --- balance ----------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from accounts.services import api_key_revoke
 from tests.conftest import ApiClient
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
+from tests.usage.api_support import assert_error
 from usage import api_middleware, rate_limits
 from usage.models import CreditAccount, Job, JobStatus, LedgerEntry, UsageEvent, UsageRollup
 from usage.services import MB
@@ -24,23 +25,6 @@ pytestmark = pytest.mark.django_db
 
 JOB = {"product": "parse", "mode": "base", "ocr": False, "pages": 10, "file_type": "pdf", "file_size": MB}
 MISSING = object()
-
-
-def assert_envelope(response, status, code):
-    """The one error envelope: exactly these keys, and the request id of the X-Request-Id header."""
-    assert response.status_code == status, response.content
-    assert response["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"success", "error"}
-    assert body["success"] is False
-    error = body["error"]
-    assert set(error) == {"code", "message", "request_id", "details"}
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["details"], dict)
-    assert re.fullmatch(r"req_[0-9a-f]{24}", error["request_id"])
-    assert error["request_id"] == response["X-Request-Id"]
-    return error
 
 
 def assert_api_headers(response, limit, before, after):
@@ -154,7 +138,7 @@ def test_a_bad_job_request_is_400_and_changes_nothing(api_for, raw):
 
     response = api.post("jobs", raw=raw, headers={"Idempotency-Key": "k1"})
 
-    assert_envelope(response, 400, "INVALID_ARGUMENT")
+    assert_error(response, 400, "INVALID_ARGUMENT")
     assert state(org) == before
     assert not Job.objects.filter(org=org).exists()
     assert api.post("jobs", JOB, headers={"Idempotency-Key": "k1"}).status_code == 201  # key not stored
@@ -164,7 +148,7 @@ def test_a_bad_job_request_is_400_and_changes_nothing(api_for, raw):
 def test_an_empty_body_is_400_saying_a_json_object_is_required(api_for):
     org = OrgFactory(plan="starter")
 
-    error = assert_envelope(api_for(org.raw_key).post("jobs", raw=""), 400, "INVALID_ARGUMENT")
+    error = assert_error(api_for(org.raw_key).post("jobs", raw=""), 400, "INVALID_ARGUMENT")
 
     assert error["message"] == "A JSON object body is required."
 
@@ -173,7 +157,7 @@ def test_a_400_names_the_field_at_fault(api_for):
     org = OrgFactory(plan="starter")
     api = api_for(org.raw_key)
 
-    error = assert_envelope(api.post("jobs", raw=raw_object(JOB, pages='"10"')), 400, "INVALID_ARGUMENT")
+    error = assert_error(api.post("jobs", raw=raw_object(JOB, pages='"10"')), 400, "INVALID_ARGUMENT")
 
     assert error["message"].startswith("pages:")
     assert error["details"]["errors"][0]["loc"][-1] == "pages"
@@ -202,7 +186,7 @@ def test_a_bad_complete_request_is_400_and_the_job_keeps_running(api_for, raw):
 
     response = api.post(f"jobs/{job['id']}/complete", raw=raw)
 
-    assert_envelope(response, 400, "INVALID_ARGUMENT")
+    assert_error(response, 400, "INVALID_ARGUMENT")
     assert state(org) == before
     assert Job.objects.get(pk=job["id"]).status == JobStatus.RUNNING
     assert_ledger_consistent(org.pk)
@@ -271,7 +255,7 @@ def test_a_bad_events_batch_is_400_and_counts_nothing(api_for, raw):
 
     response = api.post("usage/events", raw=raw)
 
-    assert_envelope(response, 400, "INVALID_ARGUMENT")
+    assert_error(response, 400, "INVALID_ARGUMENT")
     assert state(org) == before
     assert not UsageEvent.objects.filter(org=org).exists()
     assert_ledger_consistent(org.pk)
@@ -315,7 +299,7 @@ def test_a_bad_usage_query_is_400(api_for, query):
     api = api_for(org.raw_key)
     api.client.raise_request_exception = False
 
-    assert_envelope(api.get("usage", query), 400, "INVALID_ARGUMENT")
+    assert_error(api.get("usage", query), 400, "INVALID_ARGUMENT")
 
 
 # --- 401 --------------------------------------------------------------------------------------
@@ -340,7 +324,7 @@ def test_a_request_without_a_valid_key_is_401_with_the_headers(authorization, se
     before = time.time()
     response = client.get("/api/v1/balance")
 
-    error = assert_envelope(response, 401, "UNAUTHENTICATED")
+    error = assert_error(response, 401, "UNAUTHENTICATED")
     assert "API key" in error["message"]
     assert_api_headers(response, api_middleware.ANONYMOUS_RPM, before, time.time())
 
@@ -354,14 +338,14 @@ def test_a_revoked_key_is_401(api_for):
     before = time.time()
     response = api.get("balance")
 
-    assert_envelope(response, 401, "UNAUTHENTICATED")
+    assert_error(response, 401, "UNAUTHENTICATED")
     assert_api_headers(response, api_middleware.ANONYMOUS_RPM, before, time.time())
 
 
 def test_a_key_with_the_wrong_scheme_is_401(api_for):
     org = OrgFactory(plan="starter")
     client, _ = anonymous(Authorization=f"Token {org.raw_key}")
-    assert_envelope(client.get("/api/v1/balance"), 401, "UNAUTHENTICATED")
+    assert_error(client.get("/api/v1/balance"), 401, "UNAUTHENTICATED")
 
 
 def test_the_bearer_scheme_is_case_insensitive(api_for):
@@ -387,7 +371,7 @@ def test_every_endpoint_needs_a_key_before_anything_else(method, path, body):
     client, _ = anonymous()
     kwargs = {"data": body, "content_type": "application/json"} if method == "post" else {}
     response = getattr(client, method)(path, **kwargs)
-    assert_envelope(response, 401, "UNAUTHENTICATED")
+    assert_error(response, 401, "UNAUTHENTICATED")
     assert not Job.objects.exists()
     assert not UsageEvent.objects.exists()
 
@@ -402,7 +386,7 @@ def test_every_endpoint_needs_a_key_before_anything_else(method, path, body):
 def test_an_unknown_api_path_is_a_404_envelope(api_for, method, path):
     org = OrgFactory(plan="starter")
     response = getattr(api_for(org.raw_key), method)(path)
-    assert_envelope(response, 404, "NOT_FOUND")
+    assert_error(response, 404, "NOT_FOUND")
 
 
 @pytest.mark.parametrize(
@@ -419,7 +403,7 @@ def test_a_wrong_method_is_405_with_the_envelope_and_allow(client, api_for, meth
 
     response = getattr(client, method)(path, headers={"Authorization": f"Bearer {org.raw_key}"})
 
-    error = assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
+    error = assert_error(response, 405, "METHOD_NOT_ALLOWED")
     assert method.upper() in error["message"]
     assert response["Allow"] == allowed
 
@@ -469,7 +453,7 @@ def test_an_error_inside_a_view_is_a_500_envelope_and_writes_nothing(monkeypatch
     started = time.time()
     response = api.post("jobs", JOB)
 
-    error = assert_envelope(response, 500, "INTERNAL")
+    error = assert_error(response, 500, "INTERNAL")
     assert "database" not in error["message"]  # no internals leak
     assert_api_headers(response, 120, started, time.time())
     assert state(org) == before
@@ -485,7 +469,7 @@ def test_a_request_body_over_the_upload_limit_is_400_not_500(api_for, settings):
 
     response = api.post("usage/events", raw=padded)
 
-    error = assert_envelope(response, 400, "INVALID_ARGUMENT")
+    error = assert_error(response, 400, "INVALID_ARGUMENT")
     assert "larger than" in error["message"]
     assert state(org) == before
 
@@ -514,7 +498,7 @@ def test_an_error_half_way_through_a_charge_rolls_it_all_back(monkeypatch):
     monkeypatch.setattr("usage.services._add_to_rollups", broken)
     response = api.post(f"jobs/{job['id']}/complete")
 
-    assert_envelope(response, 500, "INTERNAL")
+    assert_error(response, 500, "INTERNAL")
     assert state(org) == before
     assert Job.objects.get(pk=job["id"]).status == JobStatus.RUNNING
     assert_ledger_consistent(org.pk)
@@ -563,7 +547,7 @@ def test_every_answer_has_the_rate_limit_and_request_id_headers(api_for, status,
     assert response.status_code == status, response.content
     assert_api_headers(response, 20, before, time.time())  # Free: 20 requests a minute
     if status >= 400:
-        assert_envelope(response, status, response.json()["error"]["code"])
+        assert_error(response, status, response.json()["error"]["code"])
 
 
 def test_each_answer_has_its_own_request_id(api_for):
@@ -596,7 +580,7 @@ def test_the_request_over_the_rpm_limit_is_429_with_retry_after(api_for, frozen_
 
     assert [r.status_code for r in answers] == [200, 200, 200]
     assert [r["RateLimit-Remaining"] for r in answers] == ["2", "1", "0"]
-    error = assert_envelope(refused, 429, "RESOURCE_EXHAUSTED")
+    error = assert_error(refused, 429, "RESOURCE_EXHAUSTED")
     retry_after = error["details"]["retry_after"]
     assert isinstance(retry_after, int) and 1 <= retry_after <= 60
     assert retry_after == max(1, math.ceil(int(refused["RateLimit-Reset"]) - frozen_time.now))
@@ -615,8 +599,8 @@ def test_refused_requests_count_too_and_never_reach_the_view(api_for, frozen_tim
     job = api.post("jobs", JOB)
     bad = api.post("jobs", raw="{")
 
-    assert_envelope(job, 429, "RESOURCE_EXHAUSTED")
-    assert_envelope(bad, 429, "RESOURCE_EXHAUSTED")
+    assert_error(job, 429, "RESOURCE_EXHAUSTED")
+    assert_error(bad, 429, "RESOURCE_EXHAUSTED")
     assert not Job.objects.filter(org=org).exists()
     # five requests so far, the two 429s included: the next one is the sixth in the window
     assert rate_limits.hit(f"org:{org.pk}", 3, now=frozen_time.now).count == 6
@@ -652,7 +636,7 @@ def test_requests_without_a_valid_key_are_limited_per_client_address(frozen_time
 
     assert {r.status_code for r in answers} == {401}
     assert answers[-1]["RateLimit-Remaining"] == "0"
-    error = assert_envelope(refused, 429, "RESOURCE_EXHAUSTED")
+    error = assert_error(refused, 429, "RESOURCE_EXHAUSTED")
     assert refused["Retry-After"] == str(error["details"]["retry_after"])
     assert other.get("/api/v1/balance").status_code == 401
 
@@ -669,7 +653,7 @@ def test_a_job_over_the_concurrent_jobs_limit_is_429_until_one_finishes(api_for)
 
     refused = api.post("jobs", JOB)
 
-    error = assert_envelope(refused, 429, "RESOURCE_EXHAUSTED")
+    error = assert_error(refused, 429, "RESOURCE_EXHAUSTED")
     retry_after = error["details"]["retry_after"]
     assert isinstance(retry_after, int) and retry_after >= 1
     assert refused["Retry-After"] == str(retry_after)

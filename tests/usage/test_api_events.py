@@ -6,7 +6,8 @@ import pytest
 from accounts import clock
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
-from usage.models import CreditAccount, LedgerEntry, UsageEvent, UsageRollup
+from tests.usage.api_support import assert_error, balance, credits_left
+from usage.models import LedgerEntry, UsageEvent, UsageRollup
 
 pytestmark = pytest.mark.django_db
 
@@ -17,25 +18,6 @@ def event(event_id, units=10, product="parse", mode="audio", timestamp="2026-01-
 
 def send(api, *events):
     return api.post("usage/events", {"events": list(events)})
-
-
-def balance(api):
-    response = api.get("balance")
-    assert response.status_code == 200, response.content
-    return response.json()
-
-
-def credits_left(org):
-    return CreditAccount.objects.get(org=org).balance
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert body["success"] is False
-    assert body["error"]["code"] == code
-    assert body["error"]["request_id"] == response["X-Request-Id"]
-    return body["error"]
 
 
 def test_a_batch_is_accepted_with_202_and_charged_before_the_answer(api_for):

@@ -9,6 +9,7 @@ import pytest
 from billing_site.errors import FREE_CREDITS_EXHAUSTED
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
+from tests.usage.api_support import assert_error, balance, credits_left
 from usage.models import Bucket, CreditAccount, Job, JobStatus
 from usage.services import MB, lot_grant
 
@@ -25,25 +26,6 @@ def start(api, headers=None, **changes):
     response = api.post("jobs", job_body(**changes), headers=headers)
     assert response.status_code == 201, response.content
     return response.json()
-
-
-def balance(api):
-    response = api.get("balance")
-    assert response.status_code == 200, response.content
-    return response.json()
-
-
-def credits_left(org):
-    return CreditAccount.objects.get(org=org).balance
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert body["success"] is False
-    assert body["error"]["code"] == code
-    assert body["error"]["request_id"] == response["X-Request-Id"]
-    return body["error"]
 
 
 def exhaust(api, org, pages):
