@@ -135,6 +135,16 @@ def _not_found(e: stripe.InvalidRequestError) -> bool:
     return e.http_status == 404 or getattr(e, "code", None) == "resource_missing"
 
 
+def _retrieve(resource, object_id: str):
+    """The Stripe object with this id, or None when Stripe does not know it."""
+    try:
+        return _call(resource.retrieve, id=object_id)
+    except stripe.InvalidRequestError as e:
+        if _not_found(e):
+            return None
+        raise StripeRequestError(e.user_message or str(e)) from e
+
+
 # --- customers -------------------------------------------------------------------------------
 
 
@@ -201,13 +211,8 @@ def setup_intent_create(*, customer_id: str) -> SetupIntentInfo:
 
 
 def setup_intent_retrieve(setup_intent_id: str) -> SetupIntentInfo | None:
-    try:
-        si = _call(stripe.SetupIntent.retrieve, id=setup_intent_id)
-    except stripe.InvalidRequestError as e:
-        if _not_found(e):
-            return None
-        raise StripeRequestError(e.user_message or str(e)) from e
-    return _setup_intent_info(si)
+    si = _retrieve(stripe.SetupIntent, setup_intent_id)
+    return None if si is None else _setup_intent_info(si)
 
 
 def _card_details(pm) -> CardDetails:
@@ -228,13 +233,8 @@ def _card_details(pm) -> CardDetails:
 
 def payment_method_details(payment_method_id: str) -> CardDetails | None:
     """The card behind a PaymentMethod id, or None if Stripe does not know it."""
-    try:
-        pm = _call(stripe.PaymentMethod.retrieve, id=payment_method_id)
-    except stripe.InvalidRequestError as e:
-        if _not_found(e):
-            return None
-        raise StripeRequestError(e.user_message or str(e)) from e
-    if _plain(pm).get("type") != "card":
+    pm = _retrieve(stripe.PaymentMethod, payment_method_id)
+    if pm is None or _plain(pm).get("type") != "card":
         return None
     return _card_details(pm)
 
@@ -327,13 +327,8 @@ def _declined_from_error(e: stripe.StripeError) -> ChargeResult:
 
 
 def payment_intent_retrieve(payment_intent_id: str) -> ChargeResult | None:
-    try:
-        pi = _call(stripe.PaymentIntent.retrieve, id=payment_intent_id)
-    except stripe.InvalidRequestError as e:
-        if _not_found(e):
-            return None
-        raise StripeRequestError(e.user_message or str(e)) from e
-    return _charge_result(pi)
+    pi = _retrieve(stripe.PaymentIntent, payment_intent_id)
+    return None if pi is None else _charge_result(pi)
 
 
 def payment_intents_list(*, customer_id: str) -> list[ChargeResult]:

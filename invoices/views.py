@@ -125,29 +125,30 @@ def payment_method_add(request):
     return _payment_methods_page(request, form=form, status=status)
 
 
-@billing_page(manage=True)
-@require_POST
-def payment_method_default(request, pk):
+def _card_change(request, pk, change, success):
+    """Applies a card action; another organisation's card is 404, a refusal a message."""
     try:
-        card = services.payment_method_make_default(org=request.org, payment_method_id=pk)
+        card = change(org=request.org, payment_method_id=pk)
     except BillingError as e:
         if e.status == 404:
             raise Http404(e.message) from e
         messages.error(request, e.message)
     else:
-        messages.success(request, f"{card} is now your default card: it is charged from now on.")
+        messages.success(request, success.format(card=card))
     return redirect("billing:payment_methods")
+
+
+@billing_page(manage=True)
+@require_POST
+def payment_method_default(request, pk):
+    return _card_change(
+        request,
+        services.payment_method_make_default,
+        "{card} is now your default card: it is charged from now on.",
+    )
 
 
 @billing_page(manage=True)
 @require_POST
 def payment_method_remove(request, pk):
-    try:
-        card = services.payment_method_remove(org=request.org, payment_method_id=pk)
-    except BillingError as e:
-        if e.status == 404:
-            raise Http404(e.message) from e
-        messages.error(request, e.message)
-    else:
-        messages.success(request, f"Card {card} removed.")
-    return redirect("billing:payment_methods")
+    return _card_change(request, pk, services.payment_method_remove, "Card {card} removed.")
