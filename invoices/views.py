@@ -143,6 +143,7 @@ def _card_change(request, pk, change, success):
 def payment_method_default(request, pk):
     return _card_change(
         request,
+        pk,
         services.payment_method_make_default,
         "{card} is now your default card: it is charged from now on.",
     )
