@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 PG_URL ?= postgres://postgres@127.0.0.1:5432/billing
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/15
 PORT ?= 8000
+LOAD_SECONDS ?= 300
+LOAD_RATE ?= 40
 
-.PHONY: install run test test-sqlite test-postgres lint bench clean
+.PHONY: install run test test-sqlite test-postgres lint bench load soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +45,14 @@ test: lint test-sqlite test-postgres
 
 bench: install
 	$(PY) -m bench.run
+
+# The metering API under a steady load with its rate limits in force (bench/load.py); not in `make test`.
+load: install
+	$(PY) -m bench.load --seconds $(LOAD_SECONDS) --rate $(LOAD_RATE)
+# The concurrency soak: 50 threads × 10,000 operations on a PostgreSQL database of its own
+# (billing_soak, or SOAK_DATABASE_URL) and a fresh localstripe; exit 1 on any anomaly.
+soak: install
+	$(PY) -m soak.run
 
 clean:
 	rm -rf $(VENV) db.sqlite3* celery-broker.sqlite* test-artifacts staticfiles

@@ -15,19 +15,32 @@ SESSION_KEY = "org_id"
 
 
 def current_membership(request) -> Membership | None:
+    """The membership of the organisation the signed-in user works in: the one chosen with the
+    switcher, else their first. The same query loads all their memberships (for the switcher, see
+    `user_memberships`) with each organisation's subscription, plan and current period."""
     if not request.user.is_authenticated:
         return None
-    if hasattr(request, "_membership"):
-        return request._membership
-    memberships = Membership.objects.filter(user=request.user).select_related("org__subscription__plan")
-    chosen = request.session.get(SESSION_KEY)
-    membership = None
-    if chosen is not None:
-        membership = memberships.filter(org_id=chosen).first()
-    if membership is None:
-        membership = memberships.order_by("created_at", "pk").first()
-    request._membership = membership
-    return membership
+    if not hasattr(request, "_membership"):
+        found = Membership.objects.filter(user_id=request.user.pk).select_related(
+            "org__subscription__plan", "org__subscription__current_period"
+        )
+        # Sorted here, by code point as the database's C collation does: an ORDER BY across the join
+        # costs the ORM more time than the sort.
+        memberships = sorted(found, key=lambda m: (m.org.name, m.pk))
+        chosen = request.session.get(SESSION_KEY)
+        membership = next((m for m in memberships if m.org_id == chosen), None)
+        if membership is None and memberships:
+            membership = min(memberships, key=lambda m: (m.created_at, m.pk))
+        request._memberships = memberships
+        request._membership = membership
+    return request._membership
+
+
+def user_memberships(request) -> list[Membership]:
+    """All the signed-in user's memberships, by organisation name."""
+    if current_membership(request) is None:
+        return []
+    return request._memberships
 
 
 def billing_page(*, manage: bool):

@@ -23,8 +23,19 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from accounts.models import ApiKey, BillingPeriod, Membership, Organisation, Plan, Role, Subscription, User
+from accounts.models import (
+    ApiKey,
+    BillingPeriod,
+    ContactRequest,
+    Membership,
+    Organisation,
+    Plan,
+    Role,
+    Subscription,
+    User,
+)
 from accounts.services import api_key_revoke
+from billing_site.admin_mixins import AuditHistoryMixin, ReadOnlyAdminMixin
 from billing_site.errors import BillingError
 from usage.forms import CreditsAdjustmentForm, CreditsGrantForm, CreditsRemoveForm
 from usage.models import CreditLot, LedgerEntry
@@ -47,19 +58,6 @@ def _rate(rate: Decimal) -> str:
     """A per-1,000 rate with at least two decimals and no trailing zeros beyond: "$1.25"."""
     whole, _, fraction = f"{rate.normalize():f}".partition(".")
     return f"${whole}.{fraction.ljust(2, '0')}"
-
-
-class ReadOnlyAdminMixin:
-    """Viewable lists and pages; nothing added, changed or deleted through admin."""
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 # --- people ----------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ class UserChangeForm(DjangoUserChangeForm):
 
 
 @admin.register(User)
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(AuditHistoryMixin, DjangoUserAdmin):
     form = UserChangeForm
     add_form = UserCreationForm
     fieldsets = (
@@ -145,7 +143,7 @@ class UserAdmin(DjangoUserAdmin):
 
 
 @admin.register(Plan)
-class PlanAdmin(admin.ModelAdmin):
+class PlanAdmin(AuditHistoryMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "code",
@@ -292,7 +290,7 @@ def _balance(org: Organisation) -> int | None:
 
 
 @admin.register(Organisation)
-class OrganisationAdmin(admin.ModelAdmin):
+class OrganisationAdmin(AuditHistoryMixin, admin.ModelAdmin):
     list_display = ("name", "plan", "balance", "created_at")
     list_filter = ("subscription__plan",)
     search_fields = ("name", "memberships__user__email", "api_keys__prefix")
@@ -525,7 +523,7 @@ class SubscriptionForm(forms.ModelForm):
 
 
 @admin.register(Subscription)
-class SubscriptionAdmin(admin.ModelAdmin):
+class SubscriptionAdmin(AuditHistoryMixin, admin.ModelAdmin):
     form = SubscriptionForm
     list_display = (
         "org",
@@ -609,7 +607,7 @@ class ApiKeyStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ApiKeyAdmin(AuditHistoryMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     """Never shows the hash. Keys are created by their organisation; staff may only revoke."""
 
     list_display = ("prefix", "name", "org", "active", "created_at", "last_used_at", "revoked_at")
@@ -660,11 +658,9 @@ class ApiKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 # --- "Contact sales" enquiries (the Plans page) ----------------------------------------------
 
-from accounts.models import ContactRequest  # noqa: E402  (appended by the Plans work)
-
 
 @admin.register(ContactRequest)
-class ContactRequestAdmin(admin.ModelAdmin):
+class ContactRequestAdmin(AuditHistoryMixin, admin.ModelAdmin):
     """Enterprise enquiries from the Plans page: staff read them and tick "handled"."""
 
     list_display = ("created_at", "name", "email", "org", "company_size", "handled")

@@ -1,5 +1,4 @@
-from accounts.access import current_membership
-from accounts.models import Membership
+from accounts.access import current_membership, user_memberships
 from billing_site.navigation import billing_tabs
 
 
@@ -8,15 +7,10 @@ def navigation(request):
     membership = current_membership(request)
     if membership is None:
         return {}
-    others = (
-        Membership.objects.filter(user=request.user).select_related("org").order_by("org__name")
-        if request.user.is_authenticated
-        else []
-    )
     return {
         "nav_membership": membership,
         "nav_org": membership.org,
-        "nav_memberships": others,
+        "nav_memberships": user_memberships(request),
         "nav_can_manage": membership.can_manage_billing,
         "nav_is_free": membership.org.subscription.plan.is_free,
         "billing_tabs": billing_tabs(membership.can_manage_billing),

@@ -3,6 +3,7 @@
 from datetime import timedelta
 from decimal import Decimal
 
+from auditlog.registry import auditlog
 from django.contrib.auth.base_user import BaseUserManager
 from django.contrib.auth.models import AbstractUser
 from django.db import models
@@ -269,3 +270,14 @@ class ContactRequest(models.Model):
 
     def __str__(self):
         return f"{self.name} <{self.email}> ({self.created_at:%d %b %Y})"
+
+
+# Who changed what (django-auditlog, shown in admin): what staff and customers set, not what the
+# system keeps up to date on its own (the current period, last-used times) nor secrets.
+auditlog.register(User, exclude_fields=["password", "last_login"])
+auditlog.register(Organisation)
+auditlog.register(Membership)
+auditlog.register(Plan)
+auditlog.register(Subscription, exclude_fields=["current_period", "upgrade_pending_since"])
+auditlog.register(ApiKey, exclude_fields=["key_hash", "last_used_at"])
+auditlog.register(ContactRequest)

@@ -7,13 +7,16 @@ import logging
 import re
 import secrets
 import smtplib
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import cache
 
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, transaction
+from django.db.models import F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from accounts import clock
@@ -31,6 +34,7 @@ from accounts.models import (
 )
 from billing_site.errors import BillingError, invalid
 from billing_site.money import prorate_cents
+from billing_site.rows import Columns
 
 logger = logging.getLogger(__name__)
 
@@ -51,72 +55,139 @@ def period_end_for(*, start: datetime, plan: Plan, anchor_day: int) -> datetime:
     return _add_month(start, 1 if plan.is_free else anchor_day)
 
 
-def period_open(*, sub: Subscription, start: datetime) -> BillingPeriod:
-    """Opens the period starting at `start` and grants its plan credits (once per period)."""
+def period_open(*, openings: Sequence[tuple[Subscription, datetime]]) -> list[BillingPeriod]:
+    """Opens, for each (subscription, start), the period starting at `start`, makes it the
+    subscription's current period and grants its plan credits (once per period), with
+    set-based writes; returns the periods in the order of `openings`. The caller holds the
+    subscriptions' row locks."""
     from usage.models import Bucket
-    from usage.services import lot_grant
+    from usage.services import LotGrant, lots_grant
 
-    end = period_end_for(start=start, plan=sub.plan, anchor_day=sub.anchor_day)
-    period, _ = BillingPeriod.objects.get_or_create(
-        org_id=sub.org_id,
-        start=start,
-        defaults={"plan": sub.plan, "end": end, "monthly_credits": sub.monthly_credits},
+    if not openings:
+        return []
+    found = BillingPeriod.objects.filter(
+        org_id__in={sub.org_id for sub, _ in openings}, start__in={start for _, start in openings}
     )
-    sub.current_period = period
-    sub.save(update_fields=["current_period"])
-    if period.monthly_credits:
-        lot_grant(
-            org_id=sub.org_id,
-            bucket=Bucket.PLAN,
-            credits=period.monthly_credits,
-            source=f"period:{period.pk}",
-            expires_at=period.end,
-            period=period,
-            reason=f"{sub.plan.name} plan credits for the period from {start:%d %b %Y}",
-        )
-    return period
+    periods = {(period.org_id, period.start): period for period in found}
+    new = []
+    for sub, start in openings:
+        if (sub.org_id, start) not in periods:
+            period = BillingPeriod(
+                org_id=sub.org_id,
+                start=start,
+                plan=sub.plan,
+                end=period_end_for(start=start, plan=sub.plan, anchor_day=sub.anchor_day),
+                monthly_credits=sub.monthly_credits,
+            )
+            periods[sub.org_id, start] = period
+            new.append(period)
+    BillingPeriod.objects.bulk_create(new)
+    opened = [periods[sub.org_id, start] for sub, start in openings]
+    by_start = defaultdict(list)
+    for (sub, start), period in zip(openings, opened, strict=True):
+        sub.current_period = period
+        by_start[start].append(sub.pk)
+    for start, sub_ids in by_start.items():  # one statement per start (a chunk has a few at most)
+        period_id = BillingPeriod.objects.filter(org_id=OuterRef("org_id"), start=start).values("pk")
+        Subscription.objects.filter(pk__in=sub_ids).update(current_period=Subquery(period_id))
+    lots_grant(
+        grants=[
+            LotGrant(
+                org_id=sub.org_id,
+                bucket=Bucket.PLAN,
+                credits=period.monthly_credits,
+                source=f"period:{period.pk}",
+                expires_at=period.end,
+                period=period,
+                reason=f"{sub.plan.name} plan credits for the period from {start:%d %b %Y}",
+            )
+            for (sub, start), period in zip(openings, opened, strict=True)
+            if period.monthly_credits
+        ]
+    )
+    return opened
 
 
-def period_roll(*, subscription_id: int, now: datetime) -> bool:
-    """Closes the current period if it has ended by `now` and opens the next one; returns whether
-    it did. One transaction: a crash half-way leaves the period open, and a re-run does it once."""
+ROLL_CHUNK = 1_000  # subscriptions a period-close transaction takes at a time
+
+
+def periods_roll(*, subscription_ids: Sequence[int], now: datetime, once: bool = False) -> int:
+    """Closes the current period of each of these subscriptions that has ended by `now` and opens
+    the next one, again while that one has ended too (unless `once`), and issues the period
+    invoices, numbered in subscription order and then period order; returns the periods rolled.
+
+    One transaction with set-based writes, whatever the number of subscriptions: the
+    subscriptions are locked in pk order, then (by every credit write) their accounts in org
+    order; a crash half-way leaves every period open, and a re-run does each roll once. While an
+    upgrade is being paid for, the subscription's period waits for it (a later tick closes it):
+    closing it under the payment would take the customer's money for a plan we then could not
+    apply."""
     from usage.models import Bucket, CreditLot
     from usage.services import lots_expire
 
     with transaction.atomic():
         # No select_related: a join re-checked after the lock wait would drop the row if a plan
-        # change committed meanwhile (PostgreSQL's EvalPlanQual); plan and period load afterwards.
-        sub = Subscription.objects.select_for_update().get(pk=subscription_id)
-        period = sub.current_period
-        if period is None or period.end > now:
-            return False
-        plan_lots = CreditLot.objects.filter(org_id=sub.org_id, period=period, bucket=Bucket.PLAN)
-        lots_expire(org_id=sub.org_id, lots=list(plan_lots), reason="plan credits never roll over")
-        period.closed_at = now
-        period.save(update_fields=["closed_at"])
-        if sub.scheduled_plan_id is not None:  # a downgrade takes effect with the next period
-            sub.plan = sub.scheduled_plan
-            sub.scheduled_plan = None
-            sub.save(update_fields=["plan", "scheduled_plan"])
-        opened = period_open(sub=sub, start=period.end)
-        _period_invoice_issue(sub=sub, opened=opened, closed=period)
-    return True
+        # change committed meanwhile (PostgreSQL's EvalPlanQual); plans and periods load after.
+        subs = list(Subscription.objects.select_for_update().filter(pk__in=subscription_ids).order_by("pk"))
+        waiting = _upgrades_in_progress(subs)
+        subs = [sub for sub in subs if sub.current_period_id is not None and sub.pk not in waiting]
+        plans = Plan.objects.in_bulk()
+        periods = BillingPeriod.objects.in_bulk([sub.current_period_id for sub in subs])
+        for sub in subs:
+            sub.plan = plans[sub.plan_id]
+            sub.current_period = periods[sub.current_period_id]
+            sub.current_period.plan = plans[sub.current_period.plan_id]
+        due = [sub for sub in subs if sub.current_period.end <= now]
+        rolls = []  # (subscription, opened, closed), for the invoices
+        while due:
+            closing = [sub.current_period for sub in due]
+            plan_lots = CreditLot.objects.filter(
+                period_id__in=[period.pk for period in closing], bucket=Bucket.PLAN
+            )
+            lots_expire(lots=plan_lots, reason="plan credits never roll over")
+            BillingPeriod.objects.filter(pk__in=[period.pk for period in closing]).update(closed_at=now)
+            for sub, period in zip(due, closing, strict=True):
+                period.closed_at = now
+                if sub.scheduled_plan_id is not None:  # a downgrade takes effect with the next period
+                    sub.plan = plans[sub.scheduled_plan_id]
+                    sub.scheduled_plan = None
+                    sub.save(update_fields=["plan", "scheduled_plan"])  # in the audit log, as staff's
+            opened = period_open(
+                openings=[(sub, period.end) for sub, period in zip(due, closing, strict=True)]
+            )
+            rolls += zip(due, opened, closing, strict=True)
+            due = [] if once else [sub for sub in due if sub.current_period.end <= now]
+        rolls.sort(key=lambda roll: roll[0].pk)  # stable: each subscription's periods stay in order
+        _period_invoices_issue(rolls)
+    return len(rolls)
 
 
-def _period_invoice_issue(*, sub: Subscription, opened: BillingPeriod, closed: BillingPeriod | None) -> None:
-    from invoices.period_billing import period_invoice_issue
+def period_roll(*, subscription_id: int, now: datetime) -> bool:
+    """Closes the subscription's current period if it has ended by `now` and opens the next one
+    (one period: `periods_roll` of one subscription, once); returns whether it did."""
+    return periods_roll(subscription_ids=[subscription_id], now=now, once=True) == 1
 
-    period_invoice_issue(sub=sub, opened=opened, closed=closed)
+
+def _period_invoices_issue(rolls: list[tuple[Subscription, BillingPeriod, BillingPeriod | None]]) -> None:
+    from invoices.period_billing import period_invoices_issue
+
+    period_invoices_issue(rolls=rolls)
+
+
+def _due_in_chunks(due, now: datetime, *, once: bool) -> int:
+    """Rolls the subscriptions of `due` (a queryset), ROLL_CHUNK at a time in pk order, each chunk
+    one `periods_roll` transaction; returns the periods rolled."""
+    rolled, after = 0, 0
+    while ids := list(due.filter(pk__gt=after).order_by("pk").values_list("pk", flat=True)[:ROLL_CHUNK]):
+        rolled += periods_roll(subscription_ids=ids, now=now, once=once)
+        after = ids[-1]
+    return rolled
 
 
 def periods_roll_due(*, now: datetime) -> int:
-    """Rolls every subscription whose period has ended, as many periods as `now` has passed."""
-    rolled = 0
-    due = Subscription.objects.filter(current_period__end__lte=now).values_list("pk", flat=True)
-    for sub_id in list(due):
-        while period_roll(subscription_id=sub_id, now=now):
-            rolled += 1
-    return rolled
+    """Rolls every subscription whose period has ended, as many periods as `now` has passed, in
+    subscription order, so the invoices one tick issues are numbered in a reproducible order."""
+    return _due_in_chunks(Subscription.objects.filter(current_period__end__lte=now), now, once=False)
 
 
 def clock_move(*, at: datetime | None) -> datetime:
@@ -191,8 +262,8 @@ def organisation_create(
             rpm_override=rpm,
             concurrent_jobs_override=concurrent_jobs,
         )
-        first = period_open(sub=sub, start=clock.midnight(today))
-        _period_invoice_issue(sub=sub, opened=first, closed=None)  # staff-started paid plans: at once
+        (first,) = period_open(openings=[(sub, clock.midnight(today))])
+        _period_invoices_issue([(sub, first, None)])  # staff-started paid plans: at once
         _, raw_key = api_key_create(org=org, name="Default key", created_by=user)
     return org, raw_key
 
@@ -236,22 +307,64 @@ def api_key_create(*, org: Organisation, name: str, created_by: User | None = No
     return key, raw
 
 
+@cache
+def _api_key_lookup() -> tuple[str, tuple[Columns, ...]]:
+    """The SQL and the column sets of `api_key_authenticate`, built once: the key with its
+    organisation, subscription, plan and commitment (usage.Commitment: none until a first
+    purchase), so the rate limit and every endpoint read them without another query."""
+    commitment = Organisation._meta.get_field("commitment").related_model
+    parts = (
+        Columns(ApiKey, "k"),
+        Columns(Organisation, "o"),
+        Columns(Subscription, "s"),
+        Columns(Plan, "p"),
+        Columns(commitment, "c"),
+    )
+    sql = (
+        f"SELECT {', '.join(part.sql for part in parts)} "  # noqa: S608 (our columns)
+        "FROM accounts_apikey k "
+        "JOIN accounts_organisation o ON o.id = k.org_id "
+        "JOIN accounts_subscription s ON s.org_id = o.id "
+        "JOIN accounts_plan p ON p.id = s.plan_id "
+        f"LEFT JOIN {commitment._meta.db_table} c ON c.org_id = o.id "
+        "WHERE k.prefix = %s AND k.revoked_at IS NULL"
+    )
+    return sql, parts
+
+
 def api_key_authenticate(raw: str) -> ApiKey | None:
-    """The active key for a secret, with its organisation's subscription and plan; None if the
-    secret is malformed, unknown or revoked. Hashes are compared in constant time."""
+    """The active key for a secret, with its organisation's subscription, plan and commitment
+    loaded; None if the secret is malformed, unknown or revoked. Hashes are compared in constant
+    time. One hand-written query (on every API request the ORM's query building cost more than
+    the query); revocation takes effect at the next request. The last-used time is written at most
+    once a minute."""
     match = _KEY_PATTERN.match(raw or "")
     if match is None:
         return None
-    key = (
-        ApiKey.objects.select_related("org__subscription__plan", "org__commitment")
-        .filter(prefix=match.group(1), revoked_at__isnull=True)
-        .first()
-    )
-    if key is None or not hmac.compare_digest(key.key_hash, _hash(raw)):
+    sql, parts = _api_key_lookup()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [match.group(1)])
+        row = cursor.fetchone()
+    if row is None:
         return None
+    start, loaded = 0, []
+    for part in parts:
+        values = row[start : start + len(part)]
+        start += len(part)
+        loaded.append(part.load(values) if values[0] is not None else None)  # a missing commitment
+    key, org, sub, plan, commitment = loaded
+    if not hmac.compare_digest(key.key_hash, _hash(raw)):
+        return None
+    # What select_related("org__subscription__plan", "org__commitment") would have cached.
+    ApiKey._meta.get_field("org").set_cached_value(key, org)
+    Organisation._meta.get_field("subscription").set_cached_value(org, sub)
+    Subscription._meta.get_field("org").set_cached_value(sub, org)
+    Subscription._meta.get_field("plan").set_cached_value(sub, plan)
+    Organisation._meta.get_field("commitment").set_cached_value(org, commitment)
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        stale = Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - LAST_USED_RESOLUTION)
+        ApiKey.objects.filter(stale, pk=key.pk).update(last_used_at=now)  # other workers: once
         key.last_used_at = now
     return key
 
@@ -365,6 +478,8 @@ def plan_change_preview(*, sub: Subscription, plan: Plan, today: date) -> PlanCh
             effective_on=period.end.date(),
             **common,
         )
+    if period.end < clock.midnight(today):  # ended before today and not yet rolled by billing_tick
+        raise _period_closing()
     if current.is_free:
         start = clock.midnight(today)
         return PlanChange(
@@ -380,11 +495,7 @@ def plan_change_preview(*, sub: Subscription, plan: Plan, today: date) -> PlanCh
             **common,
         )
     if remaining_days <= 0:
-        raise BillingError(
-            "PERIOD_CLOSING",
-            "Your billing period has ended and is being renewed: try the upgrade again in a moment.",
-            409,
-        )
+        raise _period_closing()
     increase = max(new_quota - period.monthly_credits, 0)
     return PlanChange(
         kind=UPGRADE,
@@ -397,6 +508,16 @@ def plan_change_preview(*, sub: Subscription, plan: Plan, today: date) -> PlanCh
         period_end=period.end,
         effective_on=today,
         **common,
+    )
+
+
+def _period_closing() -> BillingError:
+    """An upgrade is priced on the current period, so it waits until billing_tick has rolled an
+    ended one (a Free upgrade would otherwise start today, leaving the months between unopened)."""
+    return BillingError(
+        "PERIOD_CLOSING",
+        "Your billing period has ended and is being renewed: try the upgrade again in a moment.",
+        409,
     )
 
 
@@ -453,7 +574,7 @@ def _upgrade_apply(*, sub: Subscription, change: PlanChange, actor: User | None,
     sub.upgrade_pending_since = None
     if change.starts_new_period:  # from Free: a paid period starts today, today is the anchor
         free_lots = CreditLot.objects.filter(org_id=org_id, period=period, bucket=Bucket.PLAN)
-        lots_expire(org_id=org_id, lots=list(free_lots), reason=f"Free credits end: upgraded to {plan.name}")
+        lots_expire(lots=free_lots, reason=f"Free credits end: upgraded to {plan.name}")
         sub.anchor_day = change.today.day
         sub.save(update_fields=["plan", "scheduled_plan", "upgrade_pending_since", "anchor_day"])
         if period.start == change.period_start:  # the Free period began today: it becomes the paid one
@@ -475,7 +596,7 @@ def _upgrade_apply(*, sub: Subscription, change: PlanChange, actor: User | None,
             period.end = min(period.end, change.period_start)  # ends now, or already ended
             period.closed_at = clock.now()
             period.save(update_fields=["end", "closed_at"])
-            period_open(sub=sub, start=change.period_start)
+            period_open(openings=[(sub, change.period_start)])
     else:  # between paid plans: this period's plan credits grow at once and absorb its overage
         sub.save(update_fields=["plan", "scheduled_plan", "upgrade_pending_since"])
         if change.quota_increase:
@@ -537,20 +658,32 @@ def upgrade_fulfil(invoice) -> None:
         _upgrade_apply(sub=sub, change=change, actor=actor, note=data.get("note", ""))
 
 
-def _upgrade_in_progress(sub: Subscription) -> bool:
-    """Another upgrade of this subscription started less than the payment window ago, or its
-    payment is still open (a Draft upgrade invoice)."""
-    if sub.upgrade_pending_since is None:
-        return False
-    if timezone.now() - sub.upgrade_pending_since < UPGRADE_PAYMENT_WINDOW:
-        return True
+def _upgrades_in_progress(subs: Sequence[Subscription]) -> set[int]:
+    """The subscriptions (pks) among `subs` with an upgrade being paid for: one started less than
+    the payment window ago, or whose payment is still open (a Draft upgrade invoice)."""
+    pending = [sub for sub in subs if sub.upgrade_pending_since is not None]
+    if not pending:
+        return set()
+    window_start = timezone.now() - UPGRADE_PAYMENT_WINDOW
+    waiting = {sub.pk for sub in pending if sub.upgrade_pending_since > window_start}
+    older = [sub for sub in pending if sub.pk not in waiting]
+    if not older:
+        return waiting
     try:
         from invoices.models import Invoice, InvoiceKind, InvoiceStatus
     except ImportError:
-        return False
-    return Invoice.objects.filter(
-        org_id=sub.org_id, kind=InvoiceKind.UPGRADE, status=InvoiceStatus.DRAFT
-    ).exists()
+        return waiting
+    paying = set(
+        Invoice.objects.filter(
+            org_id__in=[sub.org_id for sub in older], kind=InvoiceKind.UPGRADE, status=InvoiceStatus.DRAFT
+        ).values_list("org_id", flat=True)
+    )
+    return waiting | {sub.pk for sub in older if sub.org_id in paying}
+
+
+def _upgrade_in_progress(sub: Subscription) -> bool:
+    """Another upgrade of this subscription is being paid for (see `_upgrades_in_progress`)."""
+    return sub.pk in _upgrades_in_progress([sub])
 
 
 def _upgrade_release(*, org_id: int) -> None:
@@ -711,14 +844,12 @@ def overage_cap_set(*, org: Organisation, cap_cents: int | None, actor: User | N
 
 
 def downgrades_apply_due(*, now: datetime) -> int:
-    """Closes the ended period of each subscription with a scheduled downgrade; `period_roll`
+    """Closes the ended period of each subscription with a scheduled downgrade; `periods_roll`
     moves it to the scheduled plan before it opens the next period (later periods a jump passes
     are left to `periods_roll_due`). Returns how many moved. A re-run finds none, so this is
     idempotent like the roll itself."""
     due = Subscription.objects.filter(scheduled_plan__isnull=False, current_period__end__lte=now)
-    return sum(
-        period_roll(subscription_id=sub_id, now=now) for sub_id in list(due.values_list("pk", flat=True))
-    )
+    return _due_in_chunks(due, now, once=True)
 
 
 def contact_request_create(

@@ -44,6 +44,7 @@ class Server:
     api_key: str
     org_id: int
     database_url: str
+    pid: int  # gunicorn's master; its workers are its children
     owner_email: str = OWNER_EMAIL
     owner_password: str = OWNER_PASSWORD
 
@@ -67,7 +68,8 @@ def _drop_database() -> None:
     _admin(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
 
 
-def _manage(*args: str) -> str:
+def manage(*args: str) -> str:
+    """Runs manage.py on the benchmark's database; its output, or an error with the last lines."""
     done = subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
@@ -87,8 +89,8 @@ def _prepare_database() -> tuple[int, str]:
     _drop_database()
     _admin(f"CREATE DATABASE {DB_NAME}")
     redis.Redis.from_url(REDIS_URL).flushdb()
-    _manage("migrate", "--noinput", "-v0")
-    out = _manage(
+    manage("migrate", "--noinput", "-v0")
+    out = manage(
         "create_org",
         "--name=Bench",
         "--plan=pro",
@@ -177,7 +179,7 @@ def _bench_server() -> Iterator[Server]:
                 start_new_session=True,  # its own process group: we stop exactly what we started
             )
         _wait_healthy(proc, port, log)
-        yield Server(port=port, api_key=api_key, org_id=org_id, database_url=DATABASE_URL)
+        yield Server(port=port, api_key=api_key, org_id=org_id, database_url=DATABASE_URL, pid=proc.pid)
         errors = [line for line in log.read_text(errors="replace").splitlines() if "Traceback" in line]
         if errors:
             print(f"gunicorn logged {len(errors)} traceback(s):\n{_tail(log, 60)}", file=sys.stderr)

@@ -5,9 +5,11 @@ rate-limit counters, an SQLite Celery broker, the console e-mail backend and a l
 """
 
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import environ
+from csp.constants import NONE, SELF
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -15,7 +17,10 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me-in-production-0123456789")
+# The development key starts "django-insecure-" so that `check --deploy` refuses it (security.W009).
+SECRET_KEY = env.str(
+    "DJANGO_SECRET_KEY", default="django-insecure-dev-only-key-change-me-in-production-0123456789"
+)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -31,6 +36,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "ninja",
+    "auditlog",
+    "axes",
     "accounts",
     "usage",
     "invoices",
@@ -44,9 +51,12 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "auditlog.middleware.AuditlogMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: it turns a lock-out into the page
 ]
 
 ROOT_URLCONF = "billing_site.urls"
@@ -91,6 +101,11 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 AUTH_USER_MODEL = "accounts.User"
+# django-axes first: it refuses a locked-out username + address before the password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -127,13 +142,57 @@ EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="billing@example.com")
 STAFF_EMAIL = env.str("STAFF_EMAIL", default="sales@example.com")
 
+# Cookies: HttpOnly and SameSite=Lax always; Secure (and HTTPS redirect + HSTS) when
+# DJANGO_SECURE_COOKIES is on, as in production. The CSRF cookie is HttpOnly too: htmx gets the
+# token from the page (`hx-headers` on <body>), never from document.cookie.
 SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SSL_REDIRECT", default=SESSION_COOKIE_SECURE)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # the load balancer's probe speaks plain HTTP
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31_536_000 if SESSION_COOKIE_SECURE else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=True)
+# "preload" in the header only offers the domain to the browsers' HTTPS-only list; it is on the
+# list once someone submits it (hstspreload.org), which is the operator's decision.
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=SESSION_COOKIE_SECURE)
+if env.bool("DJANGO_BEHIND_TLS_PROXY", default=False):  # the proxy terminates TLS and says so
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# Content security policy (django-csp): our own files only; no inline script or style, no eval.
+# Charts arrive as JSON (json_script) drawn by static/js/charts.js; plotly.js's own rules are the
+# file static/vendor/plotly.css. The Payment methods page adds Stripe.js's origins for itself
+# (invoices.stripe_gateway.csp_sources): localstripe's in development, Stripe's in production.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],  # a chart's "Download plot as a PNG" draws it via a data: image
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
+# Sign-in throttling (django-axes): 5 failures for one e-mail from one address lock that pair
+# out for 15 minutes (another address, or the password-reset link, still works). Attempts are
+# rows in the database, so every web process sees them and staff can clear them in admin.
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("AXES_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_USERNAME_CALLABLE = "accounts.sign_in_throttle.username"
+AXES_LOCKOUT_CALLABLE = "accounts.sign_in_throttle.locked_out"
+AXES_RESET_ON_SUCCESS = True
+# The client address is REMOTE_ADDR unless the proxy in front is trusted to set X-Forwarded-For:
+# a header the client writes itself must never pick the address it is counted under.
+AXES_IPWARE_META_PRECEDENCE_ORDER = env.tuple("AXES_IP_HEADERS", default=("REMOTE_ADDR",))
 
 # Celery: Redis when REDIS_URL is set, otherwise an embedded SQLite broker (no server needed).
 CELERY_BROKER_URL = env.str(
@@ -150,6 +209,8 @@ CELERY_BEAT_SCHEDULE_FILENAME = env.str(
 CELERY_BEAT_SCHEDULE = {
     # The same due jobs as `manage.py billing_tick`, every minute; each is idempotent.
     "billing-tick": {"task": "billing.tick", "schedule": env.float("BILLING_TICK_SECONDS", default=60.0)},
+    # Invoice PDFs, rendered by a worker apart from the tick (a download renders its own at once).
+    "invoice-pdfs": {"task": "invoices.pdfs_render", "schedule": 60.0},
 }
 
 # Stripe: a local fake (localstripe) when STRIPE_API_BASE is set, real Stripe otherwise.

@@ -10,7 +10,6 @@ from datetime import datetime
 from accounts.services import downgrades_apply_due, periods_roll_due
 from invoices.period_billing import period_invoices_collect
 from invoices.services import (
-    invoice_pdfs_render_missing,
     payment_attempts_reconcile,
     webhook_events_process_pending,
 )
@@ -46,6 +45,4 @@ def tick_run(*, at: datetime) -> TickReport:
     report.done["credit purchases settled"] = purchases_settle_stale(now=at)
     report.done["recharges started"] = recharges_run_due(now=at)
     report.done["low-balance e-mails sent"] = low_balance_alerts_run()
-    # Last, and bounded: PDFs of invoices whose status changed (a worker would have done it).
-    report.done["invoice PDFs rendered"] = invoice_pdfs_render_missing()
     return report

@@ -14,6 +14,7 @@ from django.contrib.admin import helpers
 from django.template.response import TemplateResponse
 from django.utils.html import format_html
 
+from billing_site.admin_mixins import AuditHistoryMixin, ReadOnlyAdminMixin
 from billing_site.errors import BillingError
 from invoices import services
 from invoices.forms import StaffReasonForm
@@ -33,17 +34,6 @@ def usd(cents: int | None) -> str:
     sign = "-" if cents < 0 else ""
     cents = abs(cents)
     return f"{sign}${cents // 100:,}.{cents % 100:02d}"
-
-
-class ReadOnlyAdminMixin:
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class InvoiceLineForm(forms.ModelForm):
@@ -108,7 +98,7 @@ class PaymentAttemptInline(ReadOnlyAdminMixin, admin.TabularInline):
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(admin.ModelAdmin):
+class InvoiceAdmin(AuditHistoryMixin, admin.ModelAdmin):
     list_display = ("label", "org", "kind", "status_word", "total", "issued_at", "paid_at", "created_at")
     list_filter = ("status", "kind")
     list_select_related = ("org",)
@@ -284,7 +274,7 @@ class PaymentAttemptAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(PaymentMethod)
-class PaymentMethodAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class PaymentMethodAdmin(AuditHistoryMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("__str__", "org", "expiry", "is_default", "active", "created_at", "removed_at")
     list_filter = ("is_default",)
     list_select_related = ("org",)

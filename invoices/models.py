@@ -5,6 +5,7 @@ rounded half-up once on its line. An invoice is a Draft (no number, staff only) 
 issuing assigns the next gapless number of the calendar year and freezes the lines.
 """
 
+from auditlog.registry import auditlog
 from django.db import models
 from django.db.models import F, Q
 
@@ -289,3 +290,8 @@ class InvoicePdf(models.Model):
 
     def __str__(self):
         return f"{self.invoice} as {self.status}"
+
+
+# Who changed what (django-auditlog, shown in admin): invoices (issue, void, mark paid) and cards.
+auditlog.register(Invoice)
+auditlog.register(PaymentMethod)

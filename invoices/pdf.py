@@ -1,7 +1,18 @@
-"""Invoice PDFs, rendered by WeasyPrint: the only module that imports it (STYLE)."""
+"""Invoice PDFs, rendered by WeasyPrint: the only module that imports it (STYLE).
 
-from django.conf import settings
+The invoice template needs nothing from outside (its styles are inline in the document, fonts
+are the system's), so WeasyPrint may fetch nothing: no file, no URL. Whatever a customer typed
+into an organisation name can then never make the renderer read a file or call a server.
+"""
+
 from django.template.loader import render_to_string
+
+
+def url_fetcher():
+    """A WeasyPrint fetcher that refuses every URL, file:// and http(s):// alike."""
+    from weasyprint import URLFetcher
+
+    return URLFetcher(allowed_protocols=(), fail_on_errors=False)
 
 
 def invoice_pdf_bytes(*, invoice, lines, seller, customer_emails: list[str], period_last_day) -> bytes:
@@ -19,4 +30,4 @@ def invoice_pdf_bytes(*, invoice, lines, seller, customer_emails: list[str], per
             "period_last_day": period_last_day,
         },
     )
-    return HTML(string=html, base_url=str(settings.BASE_DIR)).write_pdf()
+    return HTML(string=html, url_fetcher=url_fetcher()).write_pdf()

@@ -18,7 +18,7 @@ committed before Stripe is called.
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -29,7 +29,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from accounts import clock
-from accounts.models import Organisation, Role
+from accounts.models import Organisation, Role, Subscription
 from billing_site.errors import BillingError, conflict, invalid, not_found
 from billing_site.money import overage_cents
 from invoices import stripe_gateway
@@ -90,6 +90,7 @@ class RateLineSpec:
 # --- what a paid purchase grants, after a crash ------------------------------------------------
 
 _ON_PAID: dict[str, Callable[[Invoice], None]] = {}
+_ON_DECLINED: dict[str, Callable[[Invoice, PaymentAttempt], None]] = {}
 
 
 def on_paid_register(kind: str, handler: Callable[[Invoice], None]) -> None:
@@ -97,6 +98,13 @@ def on_paid_register(kind: str, handler: Callable[[Invoice], None]) -> None:
     `invoice.fulfilment`). The reconciler calls it, in the transaction that marks the invoice
     paid, when a charge succeeded but the request that made it died before finishing."""
     _ON_PAID[kind] = handler
+
+
+def on_declined_register(kind: str, handler: Callable[[Invoice, PaymentAttempt], None]) -> None:
+    """Registers what follows a declined charge of an issued invoice of `kind` (period invoices:
+    the retry schedule and the e-mail). It runs in the transaction that records the decline, so no
+    crash can record one without the other; the reconciler and webhooks call it too."""
+    _ON_DECLINED[kind] = handler
 
 
 # --- drafts, totals, issuing -----------------------------------------------------------------
@@ -110,13 +118,18 @@ def _tax_cents(subtotal_cents: int, rate: Decimal) -> int:
     return int((Decimal(subtotal_cents) * rate / 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def _totals_refresh(invoice: Invoice) -> None:
-    """Recomputes subtotal, tax and total from the lines (drafts only; issued ones are frozen)."""
-    subtotal = sum(line.amount_cents for line in invoice.lines.all())
+def _totals_set(invoice: Invoice, lines: Iterable[InvoiceLine]) -> None:
+    """Sets subtotal, tax and total from the lines: the one place an invoice's total is computed."""
+    subtotal = sum(line.amount_cents for line in lines)
     invoice.tax_rate = tax_rate()
     invoice.subtotal_cents = subtotal
     invoice.tax_cents = _tax_cents(subtotal, invoice.tax_rate)
     invoice.total_cents = subtotal + invoice.tax_cents
+
+
+def _totals_refresh(invoice: Invoice) -> None:
+    """Recomputes subtotal, tax and total from the lines (drafts only; issued ones are frozen)."""
+    _totals_set(invoice, invoice.lines.all())
     invoice.save(update_fields=["tax_rate", "subtotal_cents", "tax_cents", "total_cents"])
 
 
@@ -169,6 +182,46 @@ def _line(invoice: Invoice, position: int, spec: LineSpec | RateLineSpec) -> Inv
     )
 
 
+@dataclass
+class NewInvoice:
+    """An invoice and its lines, built and totalled but not yet saved (see `invoice_build`)."""
+
+    invoice: Invoice
+    lines: list[InvoiceLine]
+
+
+def invoice_build(
+    *,
+    org_id: int,
+    lines: list[LineSpec | RateLineSpec],
+    description: str = "",
+    kind: str = InvoiceKind.PURCHASE,
+    period_start: datetime | None = None,
+    period_end: datetime | None = None,
+    billing_period=None,
+    fulfilment: dict | None = None,
+) -> NewInvoice:
+    """An unsaved Draft invoice with its lines and totals: what `invoice_draft_create` saves and
+    `invoices_issue_bulk` issues. Bad lines raise BillingError."""
+    if kind not in InvoiceKind.values:
+        raise invalid(f"Unknown invoice kind {kind!r}.")
+    if not lines:
+        raise invalid("An invoice needs at least one line.")
+    invoice = Invoice(
+        org_id=org_id,
+        kind=kind,
+        description=(description or "").strip()[:200],
+        period_start=period_start,
+        period_end=period_end,
+        billing_period=billing_period,
+        fulfilment=fulfilment or {},
+        currency="usd",
+    )
+    built = [_line(invoice, i, spec) for i, spec in enumerate(lines)]
+    _totals_set(invoice, built)
+    return NewInvoice(invoice, built)
+
+
 def invoice_draft_create(
     *,
     org: Organisation,
@@ -181,36 +234,38 @@ def invoice_draft_create(
     fulfilment: dict | None = None,
 ) -> Invoice:
     """A Draft invoice with its lines and totals (no number yet; customers do not see it)."""
-    if kind not in InvoiceKind.values:
-        raise invalid(f"Unknown invoice kind {kind!r}.")
-    if not lines:
-        raise invalid("An invoice needs at least one line.")
+    new = invoice_build(
+        org_id=org.pk,
+        lines=lines,
+        description=description,
+        kind=kind,
+        period_start=period_start,
+        period_end=period_end,
+        billing_period=billing_period,
+        fulfilment=fulfilment,
+    )
     with transaction.atomic():
-        invoice = Invoice.objects.create(
-            org=org,
-            kind=kind,
-            description=(description or "").strip()[:200],
-            period_start=period_start,
-            period_end=period_end,
-            billing_period=billing_period,
-            fulfilment=fulfilment or {},
-            currency="usd",
-        )
-        InvoiceLine.objects.bulk_create([_line(invoice, i, spec) for i, spec in enumerate(lines)])
-        _totals_refresh(invoice)
-    return invoice
+        new.invoice.save()
+        InvoiceLine.objects.bulk_create(new.lines)
+    return new.invoice
 
 
-def _number_next(year: int) -> str:
-    """The next number of `year`, taken under the lock of the year's row (in the caller's
-    transaction, so a rollback gives the number back and nothing skips)."""
+def _numbers_reserve(year: int, count: int) -> list[str]:
+    """The next `count` numbers of `year`, in order, taken in one update of the year's row under
+    its lock (in the caller's transaction, so a rollback gives them back and nothing skips)."""
     InvoiceNumberSequence.objects.bulk_create(
         [InvoiceNumberSequence(year=year, last=0)], ignore_conflicts=True
     )
     seq = InvoiceNumberSequence.objects.select_for_update().get(year=year)
-    seq.last += 1
+    first = seq.last + 1
+    seq.last += count
     seq.save(update_fields=["last"])
-    return f"INV-{year}-{seq.last:06d}"
+    return [f"INV-{year}-{n:06d}" for n in range(first, seq.last + 1)]
+
+
+def _number_next(year: int) -> str:
+    """The next number of `year` (see `_numbers_reserve`)."""
+    return _numbers_reserve(year, 1)[0]
 
 
 def _issue_locked(invoice: Invoice, now: datetime) -> None:
@@ -234,6 +289,25 @@ def invoice_issue(*, invoice: Invoice) -> Invoice:
             raise conflict("A payment for this draft is in progress; it is issued when the payment succeeds.")
         _issue_locked(locked, clock.now())
     return locked
+
+
+def invoices_issue_bulk(*, new: Sequence[NewInvoice]) -> list[Invoice]:
+    """Issues built invoices (`invoice_build`) at once, as `invoice_draft_create` then
+    `invoice_issue` would one by one: numbered in the order given, from one reservation of the
+    year's numbers, in one transaction with set-based inserts (the period close issues a thousand
+    at a time). Bulk inserts send no signals, so django-auditlog records none of these."""
+    if not new:
+        return []
+    now = clock.now()
+    invoices = [item.invoice for item in new]
+    with transaction.atomic():
+        for invoice, number in zip(invoices, _numbers_reserve(now.year, len(new)), strict=True):
+            invoice.number = number
+            invoice.status = InvoiceStatus.ISSUED
+            invoice.issued_at = now
+        Invoice.objects.bulk_create(invoices)
+        InvoiceLine.objects.bulk_create([line for item in new for line in item.lines])
+    return invoices
 
 
 def invoice_void(*, invoice: Invoice, reason: str = "", actor=None) -> Invoice:
@@ -288,9 +362,14 @@ def invoice_mark_paid(*, invoice: Invoice, reason: str, actor) -> Invoice:
 # --- charging --------------------------------------------------------------------------------
 
 
+def default_cards():
+    """Every organisation's card to charge: its default card, not removed (one at most each)."""
+    return PaymentMethod.objects.filter(removed_at__isnull=True, is_default=True)
+
+
 def card_on_file(*, org: Organisation) -> bool:
     """Whether the organisation has a card to charge (its default card)."""
-    return PaymentMethod.objects.filter(org=org, removed_at__isnull=True, is_default=True).exists()
+    return default_cards().filter(org=org).exists()
 
 
 def _customer_id(org: Organisation) -> str:
@@ -299,7 +378,7 @@ def _customer_id(org: Organisation) -> str:
 
 
 def _default_card(org: Organisation) -> PaymentMethod | None:
-    return PaymentMethod.objects.filter(org=org, removed_at__isnull=True, is_default=True).first()
+    return default_cards().filter(org=org).first()
 
 
 def _attempt_create(invoice: Invoice, card: PaymentMethod) -> PaymentAttempt:
@@ -330,6 +409,14 @@ def _metadata(attempt: PaymentAttempt) -> dict[str, str]:
     }
 
 
+def _organisation_lock(org_id: int) -> None:
+    """Locks the organisation's subscription row. A period close holds it (and then the credit
+    account) when it takes the year's invoice number; a payment that takes a number and then grants
+    credits or applies an upgrade takes it first too, so both lock in one order: subscription,
+    credit account, number. (Taken the other way round, the two deadlocked.)"""
+    Subscription.objects.select_for_update().filter(org_id=org_id).first()
+
+
 def _attempt_succeed(
     attempt: PaymentAttempt, result: ChargeResult, on_paid: Callable[[Invoice], None] | None
 ) -> bool:
@@ -340,6 +427,7 @@ def _attempt_succeed(
         if locked.status != AttemptStatus.PENDING:
             return False
         invoice = Invoice.objects.select_for_update().get(pk=locked.invoice_id)
+        _organisation_lock(invoice.org_id)
         now = clock.now()
         locked.status = AttemptStatus.SUCCEEDED
         locked.stripe_payment_intent_id = result.payment_intent_id
@@ -367,9 +455,15 @@ def _attempt_succeed(
     return True
 
 
-def _attempt_fail(attempt: PaymentAttempt, message: str, payment_intent_id: str = "") -> bool:
+def _attempt_fail(
+    attempt: PaymentAttempt,
+    message: str,
+    payment_intent_id: str = "",
+    on_declined: Callable[[Invoice, PaymentAttempt], None] | None = None,
+) -> bool:
     """Writes a failed charge: attempt failed with the bank's message; a draft is voided (and so
-    never numbered), an issued invoice stays Issued. Returns False if already settled."""
+    never numbered), an issued invoice stays Issued and, when the bank declined it, `on_declined`
+    runs. Returns False if already settled."""
     with transaction.atomic():
         locked = PaymentAttempt.objects.select_for_update().get(pk=attempt.pk)
         if locked.status != AttemptStatus.PENDING:
@@ -384,10 +478,12 @@ def _attempt_fail(attempt: PaymentAttempt, message: str, payment_intent_id: str 
             invoice.status = InvoiceStatus.VOID
             invoice.voided_at = clock.now()
             invoice.save(update_fields=["status", "voided_at"])
+        elif on_declined is not None and invoice.status == InvoiceStatus.ISSUED:
+            on_declined(invoice, locked)
     return True
 
 
-def _attempt_run(attempt: PaymentAttempt, customer_id: str, on_paid) -> ChargeResult:
+def _attempt_run(attempt: PaymentAttempt, customer_id: str, on_paid, on_declined=None) -> ChargeResult:
     """Calls Stripe once for a recorded attempt and writes the outcome. If Stripe cannot be
     reached, looks the PaymentIntent up; if that fails too, the attempt stays pending for the
     reconciler and StripeUnavailable is raised."""
@@ -409,11 +505,11 @@ def _attempt_run(attempt: PaymentAttempt, customer_id: str, on_paid) -> ChargeRe
         if result is None:
             _attempt_fail(attempt, stripe_gateway.UNAVAILABLE_MESSAGE)
             raise
-    _settle(attempt, result, on_paid)
+    _settle(attempt, result, on_paid, on_declined)
     return result
 
 
-def _settle(attempt: PaymentAttempt, result: ChargeResult, on_paid) -> None:
+def _settle(attempt: PaymentAttempt, result: ChargeResult, on_paid, on_declined=None) -> None:
     if result.status == "succeeded":
         if not _attempt_succeed(attempt, result, on_paid):
             settled = PaymentAttempt.objects.get(pk=attempt.pk)
@@ -427,7 +523,7 @@ def _settle(attempt: PaymentAttempt, result: ChargeResult, on_paid) -> None:
                 )
                 log.error("Attempt %s: %s", settled, note)
     elif result.status == "declined":
-        _attempt_fail(attempt, result.message, result.payment_intent_id)
+        _attempt_fail(attempt, result.message, result.payment_intent_id, on_declined)
     else:  # still processing: a webhook or the reconciler settles it
         PaymentAttempt.objects.filter(pk=attempt.pk, stripe_payment_intent_id="").update(
             stripe_payment_intent_id=result.payment_intent_id
@@ -476,10 +572,13 @@ def purchase_charge(
     return invoice
 
 
-def invoice_charge(*, invoice: Invoice) -> PaymentAttempt:
+def invoice_charge(
+    *, invoice: Invoice, on_declined: Callable[[Invoice, PaymentAttempt], None] | None = None
+) -> PaymentAttempt:
     """Charges an issued invoice (a period's) to the organisation's default card: the next attempt
-    of at most four. Success → Paid; a decline leaves it Issued (the attempt says why). Without a
-    card nothing is attempted (PAYMENT_METHOD_REQUIRED)."""
+    of at most four. Success → Paid; a decline leaves it Issued (the attempt says why) and runs
+    `on_declined` (by default the handler registered for the invoice's kind) in the decline's
+    transaction. Without a card nothing is attempted (PAYMENT_METHOD_REQUIRED)."""
     org = invoice.org
     card = _default_card(org)
     customer_id = _customer_id(org)
@@ -492,7 +591,12 @@ def invoice_charge(*, invoice: Invoice) -> PaymentAttempt:
                 f"Invoice {locked} is {locked.get_status_display()}; only issued invoices are charged."
             )
         attempt = _attempt_create(locked, card)
-    _attempt_run(attempt, customer_id, on_paid=_ON_PAID.get(locked.kind))
+    _attempt_run(
+        attempt,
+        customer_id,
+        on_paid=_ON_PAID.get(locked.kind),
+        on_declined=on_declined or _ON_DECLINED.get(locked.kind),
+    )
     attempt.refresh_from_db()
     return attempt
 
@@ -510,7 +614,8 @@ def _attempt_reconcile(attempt: PaymentAttempt) -> str:
     if result is None:
         _attempt_fail(attempt, "Interrupted before reaching Stripe: no payment was made.")
         return "failed"
-    _settle(attempt, result, _ON_PAID.get(attempt.invoice.kind))
+    kind = attempt.invoice.kind
+    _settle(attempt, result, _ON_PAID.get(kind), _ON_DECLINED.get(kind))
     attempt.refresh_from_db()
     return attempt.status
 
@@ -657,7 +762,7 @@ PDF_STATUSES = (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.VOID, In
 
 def invoice_pdf(*, invoice: Invoice) -> InvoicePdf:
     """The PDF of the invoice as its status is now: rendered the first time it is asked for (by a
-    download or by billing_tick), then stored and served byte for byte until the status changes.
+    download or by the worker), then stored and served byte for byte until the status changes.
     Drafts have none."""
     from invoices import pdf, selectors
 
@@ -691,8 +796,8 @@ def invoice_pdf(*, invoice: Invoice) -> InvoicePdf:
 
 
 def invoice_pdfs_render_missing(*, limit: int = 200) -> int:
-    """Renders the PDFs that issued invoices lack for their current status (the worker's job;
-    billing_tick runs it too), at most `limit` a call so a tick stays short."""
+    """Renders the PDFs that issued invoices lack for their current status (the worker's job,
+    `invoices.pdfs_render`), at most `limit` a call so each run stays short."""
     missing = (
         Invoice.objects.filter(status__in=PDF_STATUSES, number__isnull=False)
         .exclude(pdfs__status=F("status"))

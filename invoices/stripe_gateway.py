@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 import stripe
 from django.conf import settings
@@ -101,6 +102,21 @@ def js_url() -> str:
     if settings.STRIPE_API_BASE:
         return settings.STRIPE_API_BASE.rstrip("/") + "/js.stripe.com/v3/"
     return "https://js.stripe.com/v3/"
+
+
+def csp_sources() -> dict[str, list[str]]:
+    """What the content security policy of a page that loads Stripe.js must add: the origin of
+    the script and its frames, and the API it calls (localstripe's one origin in development)."""
+    if settings.STRIPE_API_BASE:
+        parts = urlsplit(settings.STRIPE_API_BASE)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        return {"script-src": [origin], "connect-src": [origin], "frame-src": [origin]}
+    return {
+        "script-src": ["https://js.stripe.com"],
+        "connect-src": ["https://api.stripe.com"],
+        # Stripe.js's card element and 3-D Secure challenges are frames from these two.
+        "frame-src": ["https://js.stripe.com", "https://hooks.stripe.com"],
+    }
 
 
 def publishable_key() -> str:

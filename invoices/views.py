@@ -87,7 +87,10 @@ def _payment_methods_page(request, *, form, status=200, remove_card=None):
             "clientSecret": setup.client_secret,
             "setupIntent": setup.id,
         }
-    return render(request, "billing/payment_methods.html", context, status=status)
+    response = render(request, "billing/payment_methods.html", context, status=status)
+    if "stripe_config" in context:  # the page loads Stripe.js: let its origins through (django-csp)
+        response._csp_update = stripe_gateway.csp_sources()
+    return response
 
 
 @billing_page(manage=True)

@@ -1,12 +1,13 @@
-import importlib
 import json
 
 import pytest
-from django.apps import apps
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 
 from accounts import clock
+from tests.catalog import catalog_seed
+from tests.fake_stripe import card_add, localstripe_running
 from usage.selectors import catalog_forget
 
 
@@ -34,19 +35,22 @@ def _fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def _no_failed_sign_ins(request):
+    """django-axes counts failed sign-ins (in the database): every test starts with none."""
+    if request.node.get_closest_marker("django_db") is not None:
+        from axes.utils import reset
+
+        reset()
+
+
+@pytest.fixture(autouse=True)
 def _forget_process_caches():
     clock.forget()
     catalog_forget()
+    cache.clear()  # what a page cached for another test's rows (SQLite reuses their ids)
     yield
     clock.forget()
     catalog_forget()
-
-
-def _seed_catalog():
-    """Puts back the catalog the data migrations seed (a transactional test's flush removes it)."""
-    importlib.import_module("accounts.migrations.0002_default_plans").add_plans(apps, None)
-    importlib.import_module("usage.migrations.0002_default_operations").add_operations(apps, None)
-    importlib.import_module("usage.migrations.0005_default_packs").add_packs(apps, None)
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +58,7 @@ def _catalog_in_transactional_tests(request):
     marker = request.node.get_closest_marker("django_db")
     if marker and (marker.kwargs.get("transaction") or "live_server" in request.fixturenames):
         request.getfixturevalue("transactional_db")
-        _seed_catalog()
+        catalog_seed()  # a transactional test's flush removed what the migrations seeded
 
 
 @pytest.fixture
@@ -99,60 +103,16 @@ def api_for(client):
 def localstripe():
     """Starts localstripe on a free loopback port for the whole session, points
     settings.STRIPE_API_BASE at it, and stops it at the end. Yields its base URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "localstripe"), "--port", str(port), "--from-scratch"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
-    base = f"http://127.0.0.1:{port}"
-    probe_request = urllib.request.Request(
-        f"{base}/v1/customers", headers={"Authorization": "Bearer sk_test_x"}
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(probe_request, timeout=1):  # noqa: S310 (loopback)
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"localstripe did not start on port {port}")
-            time.sleep(0.1)
-    before = settings.STRIPE_API_BASE
-    settings.STRIPE_API_BASE = base
-    yield base
-    settings.STRIPE_API_BASE = before
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with localstripe_running() as base:
+        before = settings.STRIPE_API_BASE
+        settings.STRIPE_API_BASE = base
+        yield base
+        settings.STRIPE_API_BASE = before
 
 
 @pytest.fixture
 def stripe_card(localstripe, settings):
     """stripe_card(org, number="4242424242424242") -> the organisation's saved PaymentMethod, added
     the way the page adds one (a SetupIntent confirmed with the card, then payment_method_add)."""
-    import stripe
-
-    from invoices import services, stripe_gateway
-
     settings.STRIPE_API_BASE = localstripe
-
-    def add(org, number="4242424242424242"):
-        setup = services.payment_method_setup_start(org=org)
-        stripe_gateway.configure()
-        pm = stripe.PaymentMethod.create(
-            type="card", card={"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
-        )
-        stripe.SetupIntent.confirm(setup.id, payment_method=pm.id)
-        return services.payment_method_add(org=org, stripe_payment_method_id=pm.id, setup_intent_id=setup.id)
-
-    return add
+    return card_add

@@ -11,7 +11,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.template.response import TemplateResponse
 
-from accounts.admin import ReadOnlyAdminMixin
+from billing_site.admin_mixins import AuditHistoryMixin, ReadOnlyAdminMixin
 from billing_site.errors import BillingError
 from usage import credits
 from usage.models import (
@@ -31,7 +31,7 @@ from usage.models import (
 
 
 @admin.register(Operation)
-class OperationAdmin(admin.ModelAdmin):
+class OperationAdmin(AuditHistoryMixin, admin.ModelAdmin):
     list_display = ("product", "mode", "credits_per_unit", "unit")
     list_editable = ("credits_per_unit",)
     list_filter = ("product", "unit")
@@ -159,7 +159,7 @@ class UsageRollupAdmin(BigTableMixin, admin.ModelAdmin):
 
 
 @admin.register(CreditPack)
-class CreditPackAdmin(admin.ModelAdmin):
+class CreditPackAdmin(AuditHistoryMixin, admin.ModelAdmin):
     """The packs on the Credits tab. A pack that was ever bought cannot be deleted (untick
     Active to withdraw it); a price or credits change applies to purchases from now on."""
 
@@ -173,7 +173,7 @@ class CreditPackAdmin(admin.ModelAdmin):
 
 
 @admin.register(CreditPurchase)
-class CreditPurchaseAdmin(BigTableMixin, admin.ModelAdmin):
+class CreditPurchaseAdmin(AuditHistoryMixin, BigTableMixin, admin.ModelAdmin):
     """Every purchase and recharge, with its outcome; staff refund unused ones (any age)."""
 
     list_display = (
@@ -241,7 +241,7 @@ class CreditPurchaseAdmin(BigTableMixin, admin.ModelAdmin):
 
 
 @admin.register(RechargeSetting)
-class RechargeSettingAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class RechargeSettingAdmin(AuditHistoryMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "org",
         "kind",
@@ -289,7 +289,7 @@ class CommitmentForm(forms.ModelForm):
 
 
 @admin.register(Commitment)
-class CommitmentAdmin(admin.ModelAdmin):
+class CommitmentAdmin(AuditHistoryMixin, admin.ModelAdmin):
     """An organisation's commitment term and tier. The tier is automatic; staff may override it,
     with a reason (recorded with who and when)."""
 

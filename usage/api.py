@@ -1,15 +1,24 @@
 """The metering API, /api/v1/ (DESIGN §7). django-ninja generates /api/v1/openapi.json from these
 schemas; the API key, rate limits and headers are applied by usage.api_middleware."""
 
+import re
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
 from django.http import Http404
-from ninja import Field, NinjaAPI, Query, Schema, Status
+from ninja import Field, Header, NinjaAPI, Query, Schema, Status
 from ninja.errors import HttpError, ValidationError
 from ninja.security import HttpBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictInt, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+)
 
 from accounts import clock
 from billing_site.errors import BillingError
@@ -46,10 +55,14 @@ def _first_problem(errors: list[dict]) -> str:
     if not errors:
         return "Invalid request."
     e = errors[0]
-    where = ".".join(str(part) for part in e.get("loc", ()) if part not in ("body", "payload", "query"))
+    where = ".".join(
+        str(part) for part in e.get("loc", ()) if part not in ("body", "payload", "query", "header")
+    )
     message = e.get("msg", "is invalid")
     if e.get("type") == "missing":
         message = "is required" if where else "A JSON object body is required."
+    elif e.get("type") == "value_error":  # our own validators' words, without pydantic's prefix
+        message = message.removeprefix("Value error, ")
     elif e.get("type") == "extra_forbidden":
         message = "is not a field of this request"
     return f"{where}: {message}" if where else message
@@ -113,7 +126,24 @@ def _in_utc(moment: datetime) -> datetime:
         raise ValueError("must fall between the years 1 and 9999 in UTC") from None
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_in_utc)]
+def _iso_text(pattern: str, form: str) -> BeforeValidator:
+    """Dates and moments come only as ISO 8601 text, as the document says: left alone, pydantic
+    would also read a number, or a string of digits, as a Unix time (`end=0` as 1 Jan 1970)."""
+
+    def check(value):
+        if isinstance(value, str) and re.match(pattern, value):
+            return value
+        raise ValueError(f"must be {form}")
+
+    return BeforeValidator(check)
+
+
+IsoDate = Annotated[date, _iso_text(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z", "a date such as 2026-11-23")]
+UtcDatetime = Annotated[
+    datetime,
+    _iso_text(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T", "an ISO 8601 date and time such as 2026-11-23T10:00:00Z"),
+    AfterValidator(_in_utc),
+]
 
 
 class Strict(BaseModel):
@@ -124,18 +154,40 @@ class Strict(BaseModel):
 
 
 class ErrorBody(Schema):
-    code: str
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(examples=["RESOURCE_EXHAUSTED"])
     message: str
-    request_id: str
+    request_id: str = Field(pattern=r"^req_[0-9a-f]{24}$", description="Also in the X-Request-Id header")
     details: dict
 
 
 class ErrorOut(Schema):
+    """Every error answer: the one envelope (DESIGN §7)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     success: Literal[False]
     error: ErrorBody
 
 
 class JobIn(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "product": "parse",
+                    "mode": "base",
+                    "ocr": False,
+                    "pages": 10,
+                    "file_type": "pdf",
+                    "file_size": 1_048_576,
+                }
+            ]
+        },
+    )
+
     product: Slug
     mode: Slug = "base"
     ocr: StrictBool = False
@@ -151,6 +203,8 @@ class JobStarted(Schema):
 
 
 class CompleteIn(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"pages": 8}]})
+
     pages: Annotated[StrictInt, Field(ge=1, le=services.MAX_PAGES_PER_JOB)] | None = None
 
 
@@ -200,8 +254,8 @@ class BalanceOut(Schema):
 
 
 class UsageQuery(Schema):
-    start: date | None = None
-    end: date | None = None
+    start: IsoDate | None = None
+    end: IsoDate | None = None
     group_by: Literal["day", "product", "mode"] = "day"
 
 
@@ -227,6 +281,25 @@ class EventIn(Strict):
 
 
 class EventsIn(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "id": "evt_1",
+                            "product": "parse",
+                            "mode": "audio",
+                            "units": 90,
+                            "timestamp": "2026-11-23T10:00:00Z",
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
     events: Annotated[list[EventIn], Field(min_length=1, max_length=services.MAX_EVENTS_PER_BATCH)]
 
 
@@ -235,15 +308,10 @@ class EventsAccepted(Schema):
     duplicates: int
 
 
-ERRORS = {
-    400: ErrorOut,
-    401: ErrorOut,
-    402: ErrorOut,
-    404: ErrorOut,
-    409: ErrorOut,
-    413: ErrorOut,
-    429: ErrorOut,
-}
+def errors(*statuses: int) -> dict[int, type[ErrorOut]]:
+    """The error answers an operation can give, each in the envelope. Every operation can answer
+    401 (no valid key) and 429 (rate limit); request validation answers 400, never 422."""
+    return dict.fromkeys(sorted({401, 429, *statuses}), ErrorOut)
 
 
 # --- endpoints -------------------------------------------------------------------------------
@@ -253,7 +321,7 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@api.get("/balance", response={200: BalanceOut, **ERRORS})
+@api.get("/balance", response={200: BalanceOut, **errors()})
 def balance(request):
     b = selectors.balance_for(sub=request.api_key.org.subscription)
     return {
@@ -283,8 +351,18 @@ def balance(request):
 MAX_USAGE_DAYS = 366
 
 
-@api.get("/usage", response={200: UsageOut, **ERRORS})
+@api.get("/usage", response={200: UsageOut, **errors(400)})
 def usage(request, q: Query[UsageQuery]):
+    # An unknown parameter is refused like an unknown body field: a typo such as `group-by`
+    # would otherwise answer, silently, for the default grouping.
+    unknown = sorted(set(request.GET) - set(UsageQuery.model_fields))
+    if unknown:
+        raise BillingError(
+            "INVALID_ARGUMENT",
+            f"Unknown query parameter {unknown[0]!r}: use start, end and group_by.",
+            400,
+            {"field": unknown[0]},
+        )
     end = q.end or clock.today()
     try:
         start = q.start or end - timedelta(days=29)
@@ -305,16 +383,39 @@ def usage(request, q: Query[UsageQuery]):
     }
 
 
-@api.post("/jobs", response={201: JobStarted, **ERRORS})
-def job_create(request, payload: JobIn):
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= 255:
-        raise BillingError("INVALID_ARGUMENT", "Idempotency-Key must be 1 to 255 characters.", 400)
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="A replay with the same body returns the original 201; a different body is 409.",
+    ),
+]
+
+
+# What a client does next with a started job's id; also the paths schemathesis's stateful tests walk.
+JOB_LINKS = {
+    name: {"operationId": f"usage_api_{operation}", "parameters": {"job_id": "$response.body#/id"}}
+    for name, operation in [
+        ("GetJob", "job_detail"),
+        ("CompleteJob", "job_complete"),
+        ("FailJob", "job_fail"),
+    ]
+}
+
+
+@api.post(
+    "/jobs",
+    response={201: JobStarted, **errors(400, 402, 409, 413)},
+    openapi_extra={"responses": {201: {"links": JOB_LINKS}}},
+)
+def job_create(request, payload: JobIn, idempotency_key: IdempotencyKey = None):
     body = payload.model_dump()
     job, _ = services.job_start(
         sub=request.api_key.org.subscription,
         req=services.JobRequest(**body),
-        idempotency_key=key,
+        idempotency_key=idempotency_key,
         body_hash=services.request_hash(body),
     )
     return Status(201, {"id": job.id, "status": "running", "credits_reserved": job.credits_reserved})
@@ -327,20 +428,20 @@ def _job_id(raw: str) -> uuid.UUID:
         raise BillingError("NOT_FOUND", "No job with this id.", 404) from None
 
 
-@api.post("/jobs/{job_id}/complete", response={200: JobFinished, **ERRORS})
+@api.post("/jobs/{job_id}/complete", response={200: JobFinished, **errors(400, 404, 409)})
 def job_complete(request, job_id: str, payload: CompleteIn | None = None):
     pages = payload.pages if payload else None
     job = services.job_complete(org_id=request.api_key.org_id, job_id=_job_id(job_id), pages=pages)
     return {"id": job.id, "status": "succeeded", "credits_charged": job.credits_charged}
 
 
-@api.post("/jobs/{job_id}/fail", response={200: JobFinished, **ERRORS})
+@api.post("/jobs/{job_id}/fail", response={200: JobFinished, **errors(404, 409)})
 def job_fail(request, job_id: str):
     job = services.job_fail(org_id=request.api_key.org_id, job_id=_job_id(job_id))
     return {"id": job.id, "status": "failed", "credits_charged": 0}
 
 
-@api.get("/jobs/{job_id}", response={200: JobOut, **ERRORS})
+@api.get("/jobs/{job_id}", response={200: JobOut, **errors(404)})
 def job_detail(request, job_id: str):
     job = Job.objects.filter(org_id=request.api_key.org_id, pk=_job_id(job_id)).first()
     if job is None:
@@ -348,7 +449,7 @@ def job_detail(request, job_id: str):
     return job
 
 
-@api.post("/usage/events", response={202: EventsAccepted, **ERRORS})
+@api.post("/usage/events", response={202: EventsAccepted, **errors(400, 402, 409)})
 def usage_events(request, payload: EventsIn):
     events = [services.EventIn(e.id, e.product, e.mode, e.units, e.timestamp) for e in payload.events]
     accepted, duplicates = services.usage_events_record(sub=request.api_key.org.subscription, events=events)

@@ -12,10 +12,12 @@ colour is the page's, set by charts.js.
 
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import cached_property
 from zlib import crc32
 
 from accounts.models import BillingPeriod
-from usage.selectors import DailyUsage, UsageRow
+from usage import selectors
+from usage.selectors import UsageLine
 from usage.usage_forms import UsageRange
 
 PRODUCT_COLOURS = {
@@ -110,14 +112,17 @@ class UsageGrid:
         return GROUP_LABELS[self.usage_range.group_by]
 
 
-def usage_grid(*, usage_range: UsageRange, daily: list[DailyUsage]) -> UsageGrid:
+def usage_grid(*, usage_range: UsageRange, lines: list[UsageLine]) -> UsageGrid:
+    """`lines`: usage_lines() over at least the range (lines outside it are left out)."""
     group_by = usage_range.group_by
-    keys = ordered_keys(group_by, (d.key for d in daily if d.credits))
+    lines = [line for line in lines if usage_range.start <= line.day <= usage_range.end]
+    keys = ordered_keys(group_by, (getattr(line, group_by) for line in lines if line.credits))
     index = {k: i for i, k in enumerate(keys)}
     by_day: dict[date, list[int]] = {}
-    for d in daily:
-        if d.key in index:
-            by_day.setdefault(d.day, [0] * len(keys))[index[d.key]] += d.credits
+    for line in lines:
+        key = getattr(line, group_by)
+        if key in index:
+            by_day.setdefault(line.day, [0] * len(keys))[index[key]] += line.credits
     rows = []
     for day in days_of(usage_range.start, usage_range.end):
         cells = by_day.get(day) or [0] * len(keys)
@@ -218,17 +223,28 @@ class PeriodUse:
         return self.used > 0
 
 
-def period_use(*, period: BillingPeriod, today: date, per_day: list[UsageRow]) -> PeriodUse:
-    """`per_day`: usage_rows(group_by="day") from the period's first day to today (or its last)."""
+def period_shown(*, period: BillingPeriod, today: date) -> tuple[date, date] | None:
+    """The days of the period the cumulative chart covers: from its first day to today (or its last
+    day, if it has ended); None before it begins."""
+    first = period.start.date()
+    last = min(today, (period.end - timedelta(days=1)).date())
+    return (first, last) if first <= last else None
+
+
+def period_use(*, period: BillingPeriod, today: date, lines: list[UsageLine]) -> PeriodUse:
+    """`lines`: usage_lines() over at least period_shown() (lines outside it are left out)."""
     first = period.start.date()
     last = (period.end - timedelta(days=1)).date()
-    days, cumulative, running = [], [], 0
-    for row in per_day:
-        day = date.fromisoformat(row.key)
-        if first <= day <= min(today, last):
-            running += row.credits
-            days.append(day)
-            cumulative.append(running)
+    shown = period_shown(period=period, today=today)
+    days = days_of(*shown) if shown else []
+    per_day = dict.fromkeys(days, 0)
+    for line in lines:
+        if line.day in per_day:
+            per_day[line.day] += line.credits
+    cumulative, running = [], 0
+    for day in days:
+        running += per_day[day]
+        cumulative.append(running)
     return PeriodUse(first, last, period.monthly_credits, running, days, cumulative)
 
 
@@ -274,3 +290,67 @@ def period_figure(use: PeriodUse) -> dict:
     layout["xaxis"]["range"] = [all_days[0], all_days[-1]]
     layout["yaxis"]["range"] = [0, round(top * 1.12)]
     return {"data": data, "layout": layout}
+
+
+# --- the page's report -------------------------------------------------------------------------
+
+# The Usage page caches two fragments of its HTML (templates/billing/usage.html) for CACHE_SECONDS:
+# the range form, and the results under UsageReport.key. Bump CACHE_VERSION when their markup or
+# what goes into them changes, so that no page shows what the previous code cached.
+CACHE_VERSION = 1
+CACHE_SECONDS = 600
+
+
+class UsageReport:
+    """What the Usage page shows from the rollups: the range's table and daily figure, the current
+    period's use so far and its figure.
+
+    Making one reads only what the rollups over those days hold (selectors.usage_version) to make
+    `key`, which names exactly this content: rollups only grow, so new usage, whichever process
+    wrote it, makes a new key at once, as does a new quota or period. The rest is built on first
+    use from one read of the rollups, which a page that has its HTML cached under `key` skips."""
+
+    def __init__(self, *, org_id: int, usage_range: UsageRange, period: BillingPeriod, today: date):
+        self.usage_range = usage_range
+        self._org_id = org_id
+        self._period = period
+        self._today = today
+        shown = period_shown(period=period, today=today)
+        self._spans = [(usage_range.start, usage_range.end)] + ([shown] if shown else [])
+        version = selectors.usage_version(org_id=org_id, spans=self._spans)
+        self.key = ":".join(
+            str(part)
+            for part in (
+                f"usage-report-v{CACHE_VERSION}",
+                org_id,
+                usage_range.start,
+                usage_range.end,
+                usage_range.group_by,
+                period.pk,
+                period.start.date(),
+                period.end.date(),
+                period.monthly_credits,
+                shown[1] if shown else "-",
+                *version,
+            )
+        )
+
+    @cached_property
+    def _lines(self) -> list[UsageLine]:
+        return selectors.usage_lines(org_id=self._org_id, spans=self._spans)
+
+    @cached_property
+    def grid(self) -> UsageGrid:
+        return usage_grid(usage_range=self.usage_range, lines=self._lines)
+
+    @cached_property
+    def period(self) -> PeriodUse:
+        return period_use(period=self._period, today=self._today, lines=self._lines)
+
+    @cached_property
+    def daily_figure(self) -> dict | None:
+        return None if self.grid.is_empty else daily_figure(self.grid)
+
+    @cached_property
+    def period_figure(self) -> dict | None:
+        return period_figure(self.period) if self.period.has_usage else None

@@ -307,8 +307,7 @@ def commitment_periods_close(*, now: datetime) -> int:
                 pk__in=period.purchases.exclude(bonus_lot=None).values("bonus_lot"), expired_at__isnull=True
             )
             lots_expire(
-                org_id=org_id,
-                lots=list(bonus_lots),
+                lots=bonus_lots,
                 reason=f"Bonus credits of the commitment period {period.start:%d %b %Y} to {period.end:%d %b %Y} end",
             )
             period.closed_at = now
@@ -453,10 +452,14 @@ def _purchase_invoice(purchase: CreditPurchase) -> Invoice | None:
     )
 
 
-def _purchase_settle(purchase_id: int, fallback: str, *, declined: bool = False) -> CreditPurchase:
+def _purchase_settle(
+    purchase_id: int, fallback: str, *, declined: bool = False, interrupted: bool = False
+) -> CreditPurchase:
     """Finishes a Processing purchase from what became of its invoice: paid → granted (if the
     handler did not run), void or never made → declined or failed; a payment still pending at
-    Stripe leaves it Processing for later."""
+    Stripe leaves it Processing for later. `interrupted`: the request or worker that made it died;
+    unless the bank declined the card, that is our failure, not the card's, so a recharge does not
+    back off (the tick's next step starts it again)."""
     purchase = CreditPurchase.objects.get(pk=purchase_id)
     if purchase.status != PurchaseStatus.PENDING:
         return purchase
@@ -474,10 +477,14 @@ def _purchase_settle(purchase_id: int, fallback: str, *, declined: bool = False)
             declined = declined or bool(attempt.stripe_payment_intent_id)
     if invoice is not None and invoice.status not in (InvoiceStatus.VOID, InvoiceStatus.DRAFT):
         return purchase  # issued, unpaid: not ours to decide (the invoices app dunning owns it)
-    return _purchase_unsuccessful(purchase_id, message, declined=declined)
+    return _purchase_unsuccessful(
+        purchase_id, message, declined=declined, back_off=declined or not interrupted
+    )
 
 
-def _purchase_unsuccessful(purchase_id: int, message: str, *, declined: bool) -> CreditPurchase:
+def _purchase_unsuccessful(
+    purchase_id: int, message: str, *, declined: bool, back_off: bool = True
+) -> CreditPurchase:
     now = clock.now()
     org_id = CreditPurchase.objects.values_list("org_id", flat=True).get(pk=purchase_id)
     with transaction.atomic():
@@ -489,7 +496,7 @@ def _purchase_unsuccessful(purchase_id: int, message: str, *, declined: bool) ->
         purchase.message = (message or "The payment did not go through.")[:300]
         purchase.finished_at = now
         purchase.save(update_fields=["status", "message", "finished_at"])
-        if purchase.is_recharge:
+        if purchase.is_recharge and back_off:
             _recharge_back_off(purchase.org_id, purchase.message, now)
     return purchase
 
@@ -566,7 +573,9 @@ def purchases_settle_stale(*, now: datetime) -> int:
     settled = 0
     stale = CreditPurchase.objects.filter(status=PurchaseStatus.PENDING, created_at__lte=now - STALE_AFTER)
     for purchase_id in list(stale.values_list("pk", flat=True)):
-        purchase = _purchase_settle(purchase_id, "Interrupted before the card was charged: nothing was paid.")
+        purchase = _purchase_settle(
+            purchase_id, "Interrupted before the card was charged: nothing was paid.", interrupted=True
+        )
         settled += purchase.status != PurchaseStatus.PENDING
     refunds = CreditPurchase.objects.filter(
         refund_requested_at__isnull=False,

@@ -20,6 +20,8 @@ from django.db import transaction
 from accounts import clock
 from accounts.models import Membership, Organisation, Role, Subscription, User
 from accounts.services import member_add, organisation_create, period_roll
+from invoices.models import Invoice, InvoiceStatus
+from invoices.services import invoice_mark_paid
 from usage.models import Job
 from usage.selectors import catalog_costs
 from usage.services import (
@@ -143,10 +145,14 @@ class _History:
             self._day(i, day)
 
     def _roll(self, moment: datetime) -> None:
+        """Rolls the periods that ended by `moment`; the demo customer pays each invoice by bank
+        transfer the day it is issued (a card needs Stripe, which is not up while seeding)."""
         rolled = False
         with clock.travel(moment):
             while period_roll(subscription_id=self.sub.pk, now=moment):
                 rolled = True
+            for invoice in Invoice.objects.filter(org_id=self.org_id, status=InvoiceStatus.ISSUED):
+                invoice_mark_paid(invoice=invoice, reason="Bank transfer (demo history)", actor=None)
         if rolled:
             self.sub.refresh_from_db()
 

@@ -1,8 +1,14 @@
 """The catalog of operations, the credit ledger (lots + append-only entries), jobs, usage events,
-daily rollups and rate-limit counters."""
+daily rollups and rate-limit counters.
+
+On PostgreSQL a job's hold and end are PL/pgSQL functions (migration 0006_job_hold_functions) that
+write jobs, lots, ledger entries, accounts, periods and rollups by column name: renaming or dropping
+a column they use needs a new version of them in the same migration.
+"""
 
 import uuid
 
+from auditlog.registry import auditlog
 from django.db import models
 from django.db.models import F, Q
 
@@ -621,3 +627,24 @@ class RechargeSetting(models.Model):
     def scheduled_credits(self) -> int:
         """What one scheduled recharge buys before the bonus: $X × 800."""
         return (self.amount_dollars or 0) * CREDITS_PER_DOLLAR
+
+
+# Who changed what (django-auditlog, shown in admin): the catalog and each organisation's
+# settings, purchases and refunds, not the state the workers keep (armed, back-off, failures).
+auditlog.register(Operation)
+auditlog.register(CreditPack)
+auditlog.register(Commitment, exclude_fields=["updated_at"])
+auditlog.register(CreditPurchase)
+auditlog.register(LowBalanceAlert, exclude_fields=["armed", "last_sent_at", "updated_at"])
+auditlog.register(
+    RechargeSetting,
+    exclude_fields=[
+        "failures",
+        "first_failed_at",
+        "next_try_at",
+        "last_problem",
+        "last_problem_at",
+        "cap_reached_month",
+        "updated_at",
+    ],
+)

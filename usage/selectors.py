@@ -1,10 +1,12 @@
 """Reads of credits and usage for the API and the pages."""
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from django.db.models import F, Sum
+from django.db import connection
+from django.db.models import F, Q, Sum
 
 from accounts.models import BillingPeriod, Subscription
 from billing_site.money import overage_cents
@@ -183,28 +185,15 @@ def next_invoice_estimate(*, sub: Subscription, balance: Balance) -> InvoiceEsti
 
 # --- the Usage page and its CSV ------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class DailyUsage:
-    day: date
-    key: str  # a product or a mode
-    credits: int
-    units: int
+# Inclusive (first day, last day) spans of days.
+Spans = Sequence[tuple[date, date]]
 
 
-def usage_by_day(*, org_id: int, start: date, end: date, group_by: str) -> list[DailyUsage]:
-    """Credits and units per day and product (or mode), [start, end] inclusive, from the daily
-    rollups in one query; only the (day, key) pairs that have usage, sorted by day and key."""
-    field = {"product": "product", "mode": "mode"}[group_by]
-    sums = (
-        UsageRollup.objects.filter(org_id=org_id, day__gte=start, day__lte=end)
-        .values("day", field)
-        .annotate(credits=Sum("credits"), units=Sum("units"))
-        .order_by("day", field)
-    )
-    return [
-        DailyUsage(r["day"], r[field], r["credits"], r["units"]) for r in sums if r["credits"] or r["units"]
-    ]
+def _rollups_in(org_id: int, spans: Spans):
+    days = Q()
+    for start, end in spans:
+        days |= Q(day__gte=start, day__lte=end)
+    return UsageRollup.objects.filter(days, org_id=org_id)
 
 
 @dataclass(frozen=True)
@@ -216,11 +205,11 @@ class UsageLine:
     units: int
 
 
-def usage_lines(*, org_id: int, start: date, end: date) -> list[UsageLine]:
-    """One line per day, product and mode with usage in [start, end] (inclusive), sorted by day,
-    product and mode: the rows of the usage CSV."""
+def usage_lines(*, org_id: int, spans: Spans) -> list[UsageLine]:
+    """One line per day, product and mode with usage in the spans (each inclusive), sorted by day,
+    product and mode: the rows of the usage CSV, and what the Usage page's figures add up."""
     rows = (
-        UsageRollup.objects.filter(org_id=org_id, day__gte=start, day__lte=end)
+        _rollups_in(org_id, spans)
         .exclude(credits=0, units=0)
         .order_by("day", "product", "mode")
         .values_list("day", "product", "mode", "credits", "units")
@@ -228,6 +217,19 @@ def usage_lines(*, org_id: int, start: date, end: date) -> list[UsageLine]:
     return [UsageLine(*row) for row in rows]
 
 
-def current_period_for(*, sub: Subscription) -> BillingPeriod:
-    """The subscription's current billing period (the one billing_tick last opened)."""
-    return BillingPeriod.objects.get(pk=sub.current_period_id)
+def usage_version(*, org_id: int, spans: Spans) -> tuple[int, int, int, int]:
+    """What the rollups in the spans hold, in one row: (rows, credits, units, highest id). Rollups
+    only grow (a row is added, or credits and units are added to it), so every write there changes
+    it: the Usage page keys its cache with it. In SQL because it runs on every view of the page and
+    the ORM takes longer to build it (~1 ms) than the database takes to answer it."""
+    table = UsageRollup._meta.db_table
+    days = " OR ".join(["(day >= %s AND day <= %s)"] * len(spans))
+    sql = (
+        f"SELECT count(*), coalesce(sum(credits), 0), coalesce(sum(units), 0), coalesce(max(id), 0) "  # noqa: S608 (our table)
+        f"FROM {table} WHERE org_id = %s AND ({days})"
+    )
+    adapt = connection.ops.adapt_datefield_value
+    params = [org_id, *(adapt(day) for span in spans for day in span)]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return tuple(int(n) for n in cursor.fetchone())

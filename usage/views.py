@@ -150,21 +150,12 @@ def usage_page(request):
     form = UsageRangeForm(request.GET, today=today)
     valid = form.is_valid()
     chosen = form.usage_range
-    org_id = request.org.pk
-    daily = selectors.usage_by_day(
-        org_id=org_id, start=chosen.start, end=chosen.end, group_by=chosen.group_by
+    report = charts.UsageReport(
+        org_id=request.org.pk,
+        usage_range=chosen,
+        period=request.org.subscription.current_period,
+        today=today,
     )
-    grid = charts.usage_grid(usage_range=chosen, daily=daily)
-
-    period = selectors.current_period_for(sub=request.org.subscription)
-    first_day = period.start.date()
-    last_day = min(today, (period.end - timedelta(days=1)).date())
-    per_day = (
-        selectors.usage_rows(org_id=org_id, start=first_day, end=last_day, group_by="day")
-        if first_day <= last_day
-        else []
-    )
-    period_use = charts.period_use(period=period, today=today, per_day=per_day)
 
     page_url = reverse("billing:usage")
     presets = []
@@ -185,10 +176,9 @@ def usage_page(request):
         "default_days": DEFAULT_DAYS,
         "usage_range": chosen,
         "presets": presets,
-        "grid": grid,
-        "daily_figure": None if grid.is_empty else charts.daily_figure(grid),
-        "period": period_use,
-        "period_figure": charts.period_figure(period_use) if period_use.has_usage else None,
+        "report": report,
+        "cache_version": charts.CACHE_VERSION,
+        "cache_seconds": charts.CACHE_SECONDS,
         "csv_url": f"{reverse('billing:usage_csv')}?{urlencode(chosen.query())}",
         "api_keys_url": _api_keys_url(request.membership),
         "oob": bool(request.htmx),
@@ -210,7 +200,7 @@ def usage_csv(request):
         message = "\n".join(form.error_lines()) + "\n"
         return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
     chosen = form.usage_range
-    lines = selectors.usage_lines(org_id=request.org.pk, start=chosen.start, end=chosen.end)
+    lines = selectors.usage_lines(org_id=request.org.pk, spans=[(chosen.start, chosen.end)])
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="usage-{chosen.start}-to-{chosen.end}.csv"'
     writer = csv.writer(response, lineterminator="\n")

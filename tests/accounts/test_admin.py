@@ -1,7 +1,5 @@
 """Staff admin for people, organisations, the plan catalog, subscriptions, periods and API keys."""
 
-from html.parser import HTMLParser
-
 import pytest
 from django.contrib import admin
 from django.contrib.auth.models import Permission
@@ -10,6 +8,7 @@ from django.urls import reverse
 from accounts.models import ApiKey, BillingPeriod, Plan, Role, User
 from accounts.services import member_add
 from tests.factories import OrgFactory, UserFactory
+from tests.html_forms import form_data
 from usage.models import Bucket
 from usage.services import lot_grant
 
@@ -20,55 +19,6 @@ ORGS = reverse("admin:accounts_organisation_changelist")
 
 def org_url(org):
     return reverse("admin:accounts_organisation_change", args=[org.pk])
-
-
-class _FormFields(HTMLParser):
-    """The fields a browser would submit from one <form>: inputs, checkboxes, selects, textareas."""
-
-    def __init__(self, form_id):
-        super().__init__()
-        self.form_id, self.inside, self.data = form_id, False, []
-        self._select = self._textarea = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "form":
-            self.inside = a.get("id") == self.form_id
-        if not self.inside or "name" not in a and tag != "option":
-            return
-        if tag == "input":
-            kind = a.get("type", "text")
-            if kind in ("submit", "button") or (kind in ("checkbox", "radio") and "checked" not in a):
-                return
-            self.data.append((a["name"], a.get("value", "on" if kind == "checkbox" else "")))
-        elif tag == "select":
-            self._select = a["name"]
-        elif tag == "option" and self._select and "selected" in a:
-            self.data.append((self._select, a.get("value", "")))
-        elif tag == "textarea":
-            self._textarea = a["name"]
-            self.data.append((a["name"], ""))
-
-    def handle_data(self, data):
-        if self._textarea:
-            self.data[-1] = (self._textarea, self.data[-1][1] + data)
-
-    def handle_endtag(self, tag):
-        if tag == "form":
-            self.inside = False
-        elif tag == "select":
-            self._select = None
-        elif tag == "textarea":
-            self._textarea = None
-
-
-def form_data(response, form_id) -> dict:
-    parser = _FormFields(form_id)
-    parser.feed(response.content.decode())
-    data = {}
-    for name, value in parser.data:
-        data.setdefault(name, []).append(value.lstrip("\n"))
-    return data
 
 
 # --- every page ------------------------------------------------------------------------------

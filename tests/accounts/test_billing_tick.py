@@ -1,44 +1,19 @@
 """Billing periods and `billing_tick` (DESIGN §3, §6)."""
 
-from datetime import UTC, datetime
-from io import StringIO
-
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from accounts import clock
-from accounts.models import BillingPeriod, Plan, Subscription
+from accounts.models import BillingPeriod, Plan
 from accounts.services import period_end_for
+from tests.billing_support import at, balance, spend, sub_of, tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
 from usage import services
-from usage.models import CreditAccount, CreditLot, Job, JobStatus, LedgerEntry
+from usage.models import CreditLot, Job, JobStatus, LedgerEntry
 from usage.selectors import balance_for
 
 pytestmark = pytest.mark.django_db
-
-
-def at(text):
-    return datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
-def tick(when=None):
-    out = StringIO()
-    call_command("billing_tick", *(["--at", when] if when else []), stdout=out)
-    return out.getvalue()
-
-
-def sub_of(org):
-    return Subscription.objects.select_related("plan", "current_period").get(org=org)
-
-
-def spend(org, credits, tag):
-    batch = [services.EventIn(f"{tag}", "parse", "base", credits, clock.now())]
-    return services.usage_events_record(sub=sub_of(org), events=batch)
-
-
-def balance(org):
-    return CreditAccount.objects.get(org=org).balance
 
 
 @pytest.mark.parametrize(
@@ -163,6 +138,24 @@ def test_stale_jobs_are_failed_after_24_hours_and_their_hold_released():
     tick("2027-01-16T10:00:01Z")
     assert Job.objects.get(pk=job.pk).status == JobStatus.FAILED
     assert balance(org) == 40_000
+    assert_ledger_consistent(org.pk)
+
+
+def test_a_stale_job_completed_while_the_tick_runs_stays_completed_and_the_tick_carries_on(monkeypatch):
+    tick("2027-01-15T10:00:00Z")
+    org = OrgFactory(plan="starter")
+    req = services.JobRequest("parse", "base", False, 500, "pdf", 10)
+    job, _ = services.job_start(sub=sub_of(org), req=req)
+    real_fail = services.job_fail
+
+    def completed_first(**kwargs):  # the job's own request wins the race for the lock
+        services.job_complete(org_id=org.pk, job_id=job.id, pages=300)
+        return real_fail(**kwargs)
+
+    monkeypatch.setattr(services, "job_fail", completed_first)
+    assert "stale jobs failed: 0" in tick("2027-01-16T10:00:01Z")
+    assert Job.objects.get(pk=job.pk).status == JobStatus.SUCCEEDED
+    assert balance(org) == 40_000 - 300
     assert_ledger_consistent(org.pk)
 
 

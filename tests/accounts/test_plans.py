@@ -6,26 +6,25 @@ import re
 import sys
 import types
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from html import unescape
-from io import StringIO
 
 import pytest
 from django.contrib.admin.models import LogEntry
-from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
 import invoices
 from accounts import clock
 from accounts.models import BillingPeriod, ContactRequest, Plan, Subscription
-from accounts.services import member_add
+from accounts.services import clock_move, member_add, subscription_upgrade
 from billing_site.errors import BillingError
+from tests.billing_support import at, balance, owner_of, sub_of, tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
 from usage import services as usage_services
-from usage.models import Bucket, CreditAccount, CreditLot, LedgerEntry
+from usage.models import Bucket, CreditLot, LedgerEntry
 from usage.selectors import balance_for
 
 pytestmark = pytest.mark.django_db
@@ -36,28 +35,6 @@ HTMX = {"HX-Request": "true"}
 
 def change_url(code):
     return reverse("billing:plan_change", args=[code])
-
-
-def at(text):
-    return datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
-def tick(when):
-    out = StringIO()
-    call_command("billing_tick", "--at", when, stdout=out)
-    return out.getvalue()
-
-
-def sub_of(org):
-    return Subscription.objects.select_related("plan", "scheduled_plan", "current_period").get(org=org)
-
-
-def owner_of(org):
-    return org.memberships.get().user
-
-
-def balance(org):
-    return CreditAccount.objects.get(org=org).balance
 
 
 def spend(org, credits, tag):
@@ -102,6 +79,7 @@ class FakePayments:
         self.charges = []  # (org id, lines, description) of successful charges
         self.declined = []
         self.crashed = []  # invoices charged whose request died before on_paid
+        self.during_charge = None  # called while the card is being charged, before on_paid
 
     def card_on_file(self, *, org):
         return self.has_card
@@ -116,6 +94,8 @@ class FakePayments:
         if self.crash:  # charged at Stripe, then the request died before settling it
             self.crashed.append(invoice)
             raise BillingError("STRIPE_UNAVAILABLE", "Card payments are unavailable right now.", 503)
+        if self.during_charge is not None:
+            self.during_charge()
         on_paid(invoice)
         self.charges.append((org.pk, lines, description))
         return invoice
@@ -388,6 +368,20 @@ def test_free_signup_upgraded_the_same_day_turns_todays_period_into_the_paid_one
     period = sub.current_period
     assert (period.start, period.end, period.monthly_credits) == (at("2027-01-20"), at("2027-02-20"), 400_000)
     assert balance(org) == 400_000
+    assert_ledger_consistent(org.pk)
+
+
+def test_an_upgrade_from_free_waits_until_an_ended_period_is_rolled(payments):
+    tick("2027-01-10T08:00:00Z")
+    org = OrgFactory(plan="free")  # period 10 Jan - 1 Feb
+    clock_move(at=at("2027-03-05T09:00:00"))  # time moved on; the tick has not rolled Feb and Mar yet
+    with pytest.raises(BillingError) as refused:
+        subscription_upgrade(org=org, plan_code="starter", actor=None)
+    assert refused.value.code == "PERIOD_CLOSING" and payments.charges == []
+    tick("2027-03-05T09:00:00Z")
+    subscription_upgrade(org=org, plan_code="starter", actor=None)
+    starts = [p.start for p in BillingPeriod.objects.filter(org=org).order_by("start")]
+    assert starts == [at("2027-01-10"), at("2027-02-01"), at("2027-03-01"), at("2027-03-05")]  # no gap
     assert_ledger_consistent(org.pk)
 
 
@@ -888,8 +882,6 @@ def test_a_double_submitted_upgrade_charges_once_while_jobs_run(payments):
 
     from django.db import connection
 
-    from accounts.services import subscription_upgrade
-
     tick("2027-04-15T09:00:00Z")
     org = OrgFactory(plan="starter")
     spend(org, 41_000, "before")  # 1,000 credits of overage
@@ -930,44 +922,77 @@ def test_a_double_submitted_upgrade_charges_once_while_jobs_run(payments):
     assert_ledger_consistent(org.pk)
 
 
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_an_upgrade_from_free_racing_the_period_roll_leaves_one_consistent_state(payments):
+def roll_in_another_connection(sub_id):
+    """period_roll, as the tick would run it, from another thread and database connection."""
     import threading
 
     from django.db import connection
 
-    from accounts.services import period_roll, subscription_upgrade
+    from accounts.services import period_roll
 
-    tick("2027-01-10T08:00:00Z")
-    org = OrgFactory(plan="free")  # period 10 Jan - 1 Feb
-    owner = owner_of(org)
-    sub_id = sub_of(org).pk
-    barrier = threading.Barrier(2)
-    results = [None, None]
+    result = []
 
-    def run(i):
+    def run():
         try:
-            barrier.wait()
-            if i == 0:
-                results[i] = subscription_upgrade(org=org, plan_code="starter", actor=owner)
-            else:
-                results[i] = period_roll(subscription_id=sub_id, now=clock.now())
-        except Exception as error:  # noqa: BLE001 - the test inspects what each thread got
-            results[i] = error
+            result.append(period_roll(subscription_id=sub_id, now=clock.now()))
         finally:
             connection.close()
 
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "period_roll waited on the upgrade's lock"
+    return result[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_period_roll_waits_while_an_upgrade_from_free_is_being_paid_for(payments):
+    tick("2027-01-10T08:00:00Z")
+    org = OrgFactory(plan="free")  # period 10 Jan - 1 Feb
+    sub_id = sub_of(org).pk
+    rolled = []
+    payments.during_charge = lambda: rolled.append(roll_in_another_connection(sub_id))
+
     with clock.travel(at("2027-02-01T09:00:00")):  # the period has ended; the tick has not run
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    assert not isinstance(results[0], Exception) and not isinstance(results[1], Exception), results
+        subscription_upgrade(org=org, plan_code="starter", actor=owner_of(org))
+        assert rolled == [False]  # the tick found the upgrade being paid for and left the period
+        assert roll_in_another_connection(sub_id) is False  # the upgrade opened a paid period
+
     sub = sub_of(org)
     assert (sub.plan.code, sub.anchor_day, sub.current_period.plan.code) == ("starter", 1, "starter")
     assert (sub.current_period.start, sub.current_period.end) == (at("2027-02-01"), at("2027-03-01"))
     assert payments.charged_cents == [5_000]
     assert balance(org) == 40_000
+    assert_ledger_consistent(org.pk)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_period_ending_while_a_paid_upgrade_is_being_paid_for_closes_after_it_on_the_new_plan(payments):
+    tick("2027-01-10T08:00:00Z")
+    org = OrgFactory(plan="starter")  # period 10 Jan - 10 Feb
+    sub_id = sub_of(org).pk
+    rolled = []
+
+    def the_period_ends_and_the_tick_runs():
+        with clock.travel(at("2027-02-10T00:00:05")):
+            rolled.append(roll_in_another_connection(sub_id))
+
+    payments.during_charge = the_period_ends_and_the_tick_runs
+    with clock.travel(at("2027-02-09T23:59:55")):  # the last day: 1 of 31 days left
+        subscription_upgrade(org=org, plan_code="pro", actor=owner_of(org))
+    assert rolled == [False]
+    assert payments.charged_cents == [1_452]  # $450 × 1/31 = $14.516… → $14.52
+    assert sub_of(org).current_period.monthly_credits == 400_000  # applied to the paid-for period
+
+    with clock.travel(at("2027-02-10T00:01:00")):  # the next tick closes it, on Pro
+        assert roll_in_another_connection(sub_id) is True
+    sub = sub_of(org)
+    assert (sub.plan.code, sub.current_period.plan.code, sub.current_period.start) == (
+        "pro",
+        "pro",
+        at("2027-02-10"),
+    )
+    assert balance(org) == 400_000
     assert_ledger_consistent(org.pk)

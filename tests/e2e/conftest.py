@@ -1,7 +1,8 @@
 """Browser tests: Playwright for Python driving Debian's Chromium against a live server.
 
 Each test gets a fresh browser context whose every request is checked: anything addressed off
-this machine is blocked and fails the test. Screenshots go to test-artifacts/.
+this machine is blocked and fails the test, and so does any content security policy violation
+on any page it opened. Screenshots go to test-artifacts/.
 """
 
 import os
@@ -27,6 +28,15 @@ FLAGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# Runs first in every document: reports each `securitypolicyviolation` event to the test.
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", function (e) {
+  var where = e.sourceFile ? " by " + e.sourceFile + ":" + e.lineNumber + ":" + e.columnNumber : "";
+  var what = e.target && e.target.outerHTML ? " on " + e.target.outerHTML.slice(0, 120) : "";
+  console.error("CSP violation: " + e.effectiveDirective + " refused " + (e.blockedURI || "inline") +
+    " at " + e.documentURI + where + what + (e.sample ? " (" + e.sample + ")" : ""));
+}, true);
+"""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,7 +68,9 @@ class Browsing:
         self.name = name
         self.outside: list[str] = []
         self.console_errors: list[str] = []
+        self.csp_violations: list[str] = []
         self.context = browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True)
+        self.context.add_init_script(REPORT_CSP_VIOLATIONS)
         self.context.route("**/*", self._only_this_machine)
         self.page = self.context.new_page()
         self.page.on("console", self._console)
@@ -76,6 +88,9 @@ class Browsing:
     def _console(self, message):
         if message.type == "error":
             self.console_errors.append(message.text)
+        # Our listener's reports, and Chromium's own "Refused to … Content Security Policy" lines.
+        if message.text.startswith("CSP violation:") or "Content Security Policy" in message.text:
+            self.csp_violations.append(message.text)
 
     def go(self, path):
         response = self.page.goto(self.base_url + path)
@@ -108,6 +123,9 @@ class Browsing:
     def close(self):
         self.context.close()
         assert not self.outside, f"the page asked for something off this machine: {self.outside}"
+        assert not self.csp_violations, "content security policy violations:\n" + "\n".join(
+            self.csp_violations
+        )
 
 
 @pytest.fixture

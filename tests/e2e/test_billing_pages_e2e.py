@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def org_with_usage():
 
 
 def test_changing_the_usage_range_swaps_chart_and_table_without_a_reload_and_csv_adds_up(browsing):
-    org_with_usage()
+    org = org_with_usage()
     b = browsing()
     b.sign_in("owner@example.com")
     b.go("/settings/billing/usage/")
@@ -60,6 +61,25 @@ def test_changing_the_usage_range_swaps_chart_and_table_without_a_reload_and_csv
     assert list(rows[0]) == ["date", "product", "mode", "credits", "units"]
     assert f"{sum(int(r['credits']) for r in rows):,}" == total_7
     assert not b.console_errors
+
+    # By mode instead: swapped in place too, the same total, and the chart adds up to the table.
+    page.get_by_label("Mode").check()
+    page.wait_for_url("**group_by=mode**")
+    page.locator("[data-testid=usage-table] th[data-key=base]").wait_for()
+    assert page.evaluate("window.__no_reload") is True
+    assert page.get_by_test_id("usage-total").inner_text() == total_7
+    bars = [t for t in json.loads(page.locator("#usage-chart").text_content())["data"] if t["type"] == "bar"]
+    assert [t["name"] for t in bars] == ["Base"]
+    assert f"{sum(y or 0 for t in bars for y in t['y']):,}" == total_7
+
+    # Usage recorded meanwhile shows on the next look at the same range.
+    services.usage_events_record(
+        sub=org.subscription, events=[services.EventIn("late", "parse", "ocr", 5, clock.now())]
+    )
+    page.get_by_role("button", name="Show").click()
+    page.locator("[data-testid=usage-table] th[data-key=ocr]").wait_for()
+    assert page.get_by_test_id("usage-total").inner_text() == f"{int(total_7.replace(',', '')) + 5:,}"
+    b.shot("usage-7-days-by-mode")
 
     page.reload()  # the range is in the URL, so a reload keeps it
     assert page.locator("[data-testid=usage-table] tbody tr").count() == 7

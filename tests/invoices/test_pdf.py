@@ -80,10 +80,14 @@ def test_another_organisations_pdf_is_404(owner_client):
     assert not InvoicePdf.objects.exists()
 
 
-def test_billing_tick_renders_missing_pdfs_once(owner_client):
+def test_the_worker_renders_missing_pdfs_once_and_billing_tick_leaves_them_to_it(owner_client):
     from django.core.management import call_command
+
+    from invoices.tasks import pdfs_render
 
     invoice = issued_invoice(owner_client.org)
     call_command("billing_tick")
-    call_command("billing_tick")
+    assert not InvoicePdf.objects.exists()  # period close never waits for WeasyPrint
+    assert pdfs_render.apply().get() == InvoicePdf.objects.count() >= 1
+    assert pdfs_render.apply().get() == 0
     assert InvoicePdf.objects.filter(invoice=invoice, status="issued").count() == 1

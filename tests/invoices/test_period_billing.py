@@ -1,30 +1,16 @@
 """Period-close invoices and their collection (DESIGN §5), moved through months with billing_tick."""
 
-from datetime import UTC, datetime
-from io import StringIO
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from django.core.management import call_command
 
-from accounts import clock
 from accounts.models import Subscription
 from invoices.models import AttemptStatus, Invoice, InvoiceStatus
+from tests.billing_support import spend, tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
-from usage import services
 
 pytestmark = pytest.mark.django_db
-
-
-def tick(when):
-    call_command("billing_tick", "--at", when, stdout=StringIO())
-
-
-def spend(org, credits, tag):
-    sub = Subscription.objects.select_related("plan").get(org=org)
-    services.usage_events_record(
-        sub=sub, events=[services.EventIn(tag, "parse", "base", credits, clock.now())]
-    )
 
 
 def invoices_of(org):
@@ -115,3 +101,59 @@ def test_a_declined_card_is_retried_on_days_1_3_and_7_then_the_plan_falls_to_fre
     tick("2027-02-15T00:00:00Z")
     assert Subscription.objects.get(org=org).plan.code == "free"
     assert invoices_of(org)[-1].number == "INV-2027-000001"  # the Free period bills nothing
+
+
+@pytest.mark.usefixtures("localstripe")
+def test_the_tick_that_closes_a_period_charges_the_new_invoice_at_once(stripe_card):
+    tick("2027-01-15T10:00:00Z")
+    org = OrgFactory(plan="starter")
+    stripe_card(org)
+    tick("2027-02-15T00:00:00Z")  # charges January's, closes the period, issues February's and charges it
+    assert [(i.number, i.status) for i in invoices_of(org)] == [
+        ("INV-2027-000001", InvoiceStatus.PAID),
+        ("INV-2027-000002", InvoiceStatus.PAID),
+    ]
+
+
+@pytest.mark.usefixtures("localstripe")
+def test_a_decline_settled_after_the_tick_died_is_retried_on_schedule_too(
+    stripe_card, monkeypatch, mailoutbox
+):
+    from invoices import services as invoice_services
+    from invoices import stripe_gateway
+
+    tick("2027-01-15T10:00:00Z")
+    org = OrgFactory(plan="starter")
+    stripe_card(org, "4000000000000341")  # attaches, then every charge is declined
+    real = stripe_gateway.payment_intent_create_off_session
+
+    def declined_then_died(**kwargs):
+        real(**kwargs)
+        raise RuntimeError("the worker died after Stripe declined the card")
+
+    monkeypatch.setattr(stripe_gateway, "payment_intent_create_off_session", declined_then_died)
+    with pytest.raises(RuntimeError):
+        tick("2027-01-15T11:00:00Z")
+    monkeypatch.setattr(stripe_gateway, "payment_intent_create_off_session", real)
+    invoice_services.payment_attempts_reconcile(older_than=timedelta(0))  # finds the decline at Stripe
+    tick("2027-01-15T11:10:00Z")
+    invoice = invoices_of(org)[0]
+    assert invoice.attempts.count() == 1  # not charged again at once: the next try is a day later
+    assert invoice.next_attempt_at.date() == date(2027, 1, 16)
+    assert "Payment of invoice INV-2027-000001 failed" in mailoutbox[-1].subject
+
+
+@pytest.mark.usefixtures("localstripe")
+def test_retries_that_fell_behind_are_not_made_back_to_back(stripe_card):
+    tick("2027-01-15T10:00:00Z")
+    org = OrgFactory(plan="starter")
+    stripe_card(org, "4000000000000341")
+    tick("2027-01-15T11:00:00Z")  # declined; the next try would be on 16 Jan
+    tick("2027-02-10T00:00:00Z")  # no tick ran for weeks: one retry now, the next two days on
+    tick("2027-02-10T00:01:00Z")
+    tick("2027-02-11T23:59:00Z")
+    invoice = invoices_of(org)[0]
+    assert invoice.attempts.count() == 2
+    assert invoice.next_attempt_at == datetime(2027, 2, 12, tzinfo=UTC)
+    tick("2027-02-12T00:00:00Z")
+    assert invoice.attempts.count() == 3

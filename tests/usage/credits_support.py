@@ -1,53 +1,20 @@
 """Helpers and fixtures for the prepaid-credits tests (tests/usage/test_credits*.py)."""
 
 import importlib
-from datetime import UTC, datetime
-from io import StringIO
 
 import pytest
 from django.apps import apps
-from django.core.management import call_command
 
-from accounts import clock
-from accounts.models import Subscription
 from invoices import stripe_gateway
+from tests.billing_support import sub_of
 from usage import services
-from usage.models import Bucket, CreditAccount, CreditLot, CreditPack
+from usage.models import Bucket, CreditLot, CreditPack
 
 DECLINING_CARD = "4000000000000341"  # localstripe: attaches, then every charge is declined
 
 
-def at(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
-
-
-def tick(when: str) -> str:
-    out = StringIO()
-    call_command("billing_tick", "--at", when, stdout=out)
-    clock.forget()
-    return out.getvalue()
-
-
-def sub_of(org) -> Subscription:
-    return Subscription.objects.select_related("plan", "org").get(org=org)
-
-
-def owner_of(org):
-    return org.memberships.get().user
-
-
-def balance(org) -> int:
-    return CreditAccount.objects.get(org=org).balance
-
-
 def bucket_total(org, bucket) -> int:
     return sum(CreditLot.objects.filter(org=org, bucket=bucket).values_list("remaining", flat=True))
-
-
-def spend(org, credits: int, tag: str):
-    """Charges `credits` through usage events (parse/base costs 1 credit a unit)."""
-    batch = [services.EventIn(tag, "parse", "base", credits, clock.now())]
-    return services.usage_events_record(sub=sub_of(org), events=batch)
 
 
 def job(org, pages: int):

@@ -179,6 +179,14 @@ def test_usage_of_366_days_is_answered(api_for):
     assert len(response.json()["rows"]) == 366
 
 
+@pytest.mark.parametrize("query", [{"group-by": "product"}, {"": "null"}, {"start": "2026-01-01", "x": "1"}])
+def test_usage_refuses_an_unknown_parameter_rather_than_ignore_it(api_for, query):
+    response = api_for(OrgFactory(plan="starter").raw_key).get("usage", query)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and "use start, end and group_by" in error["message"]
+
+
 def test_usage_is_only_the_callers_own(api_for):
     one, two = OrgFactory(plan="starter"), OrgFactory(plan="starter")
     api_for(one.raw_key).post("usage/events", {"events": [event("e", 5)]})

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+from django.db import connection
 from django.test import Client
 
 from accounts.models import ApiKey
@@ -114,6 +115,11 @@ BAD_JOBS = {
     "pages null": raw_object(JOB, pages="null"),
     "pages a list": raw_object(JOB, pages="[10]"),
     "pages huge": raw_object(JOB, pages="1" + "0" * 40),
+    "pages NaN": raw_object(JOB, pages="NaN"),
+    "pages Infinity": raw_object(JOB, pages="Infinity"),
+    "file_size 1e400": raw_object(JOB, file_size="1e400"),
+    "product with a lone surrogate": raw_object(JOB, product='"\\ud800"'),
+    "nested 100,000 deep": "[" * 100_000 + "]" * 100_000,
     "file_size a string": raw_object(JOB, file_size='"1"'),
     "file_size 0": raw_object(JOB, file_size="0"),
     "file_size -5": raw_object(JOB, file_size="-5"),
@@ -161,6 +167,14 @@ def test_a_400_names_the_field_at_fault(api_for):
 
     assert error["message"].startswith("pages:")
     assert error["details"]["errors"][0]["loc"][-1] == "pages"
+
+
+def test_a_date_given_as_a_number_is_400_saying_the_form_expected(api_for):
+    org = OrgFactory(plan="starter")
+
+    error = assert_error(api_for(org.raw_key).get("usage", {"end": "0"}), 400, "INVALID_ARGUMENT")
+
+    assert error["message"] == "end: must be a date such as 2026-11-23"
 
 
 BAD_COMPLETES = {
@@ -222,6 +236,9 @@ BAD_EVENTS = {
     "timestamp yesterday": events_raw(raw_object(EVENT, timestamp='"yesterday"')),
     "timestamp empty": events_raw(raw_object(EVENT, timestamp='""')),
     "timestamp null": events_raw(raw_object(EVENT, timestamp="null")),
+    "timestamp a Unix time": events_raw(raw_object(EVENT, timestamp="1768471200")),
+    "timestamp a Unix time in a string": events_raw(raw_object(EVENT, timestamp='"1768471200"')),
+    "timestamp a date only": events_raw(raw_object(EVENT, timestamp='"2026-01-15"')),
     "timestamp 30 February": events_raw(raw_object(EVENT, timestamp='"2026-02-30T00:00:00Z"')),
     "timestamp past year 9999 in UTC": events_raw(raw_object(EVENT, timestamp='"9999-12-31T23:00:00-05:00"')),
     "timestamp before year 1 in UTC": events_raw(raw_object(EVENT, timestamp='"0001-01-01T00:00:00+05:00"')),
@@ -234,6 +251,10 @@ BAD_EVENTS = {
     "id a number": events_raw(raw_object(EVENT, id="7")),
     "id of 256 characters": events_raw(raw_object(EVENT, id=json.dumps("x" * 256))),
     "id with a NUL": events_raw(raw_object(EVENT, id='"a\\u0000b"')),
+    "id with a lone surrogate": events_raw(raw_object(EVENT, id='"x\\ud83d"')),
+    "timestamp in full-width digits": events_raw(
+        raw_object(EVENT, timestamp='"\uff12\uff10\uff12\uff16-01-15T10:00:00Z"')
+    ),
     "unknown product": events_raw(raw_object(EVENT, product='"translate"')),
     "unknown mode": events_raw(raw_object(EVENT, mode='"turbo"')),
     "mode of another product": events_raw(raw_object(EVENT, product='"extract"', mode='"audio"')),
@@ -286,6 +307,9 @@ BAD_USAGE_QUERIES = {
     "start month 13": {"start": "2026-13-01"},
     "end not a date": {"end": "soon"},
     "start empty": {"start": ""},
+    "end a Unix time": {"end": "0"},
+    "start in full-width digits": {"start": "\uff12\uff10\uff12\uff16-01-01"},
+    "start a date and time": {"start": "2026-03-01T00:00:00"},
     "start after end": {"start": "2026-03-02", "end": "2026-03-01"},
     "group_by week": {"group_by": "week"},
     "more than 366 days": {"start": "2025-01-01", "end": "2026-01-02"},
@@ -486,16 +510,41 @@ def test_a_batch_of_1000_events_with_the_longest_ids_fits_the_upload_limit(api_f
     assert_ledger_consistent(org.pk)
 
 
-def test_an_error_half_way_through_a_charge_rolls_it_all_back(monkeypatch):
+@pytest.fixture
+def rollups_fail():
+    """The database refuses to write usage rollups (the last write of a charge), as a full disk
+    would, until the test ends."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER disk_full BEFORE INSERT ON usage_usagerollup "
+                "FOR EACH ROW EXECUTE FUNCTION test_disk_full()"
+            )
+        else:
+            cursor.execute(
+                "CREATE TRIGGER disk_full BEFORE INSERT ON usage_usagerollup "
+                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+    yield
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("DROP TRIGGER disk_full ON usage_usagerollup")
+            cursor.execute("DROP FUNCTION test_disk_full()")
+        else:
+            cursor.execute("DROP TRIGGER disk_full")
+
+
+@pytest.mark.django_db(transaction=True)  # committed for real, as in production
+def test_an_error_half_way_through_a_charge_rolls_it_all_back(rollups_fail):
     org = OrgFactory(plan="starter")
     api = ApiClient(Client(raise_request_exception=False), org.raw_key)
-    job = api.post("jobs", JOB).json()
+    job = api.post("jobs", JOB).json()  # a hold writes no rollup
     before = state(org)
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr("usage.services._add_to_rollups", broken)
     response = api.post(f"jobs/{job['id']}/complete")
 
     assert_error(response, 500, "INTERNAL")

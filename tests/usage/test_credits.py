@@ -9,21 +9,11 @@ from accounts import clock
 from billing_site.errors import BillingError
 from invoices import services as invoice_services
 from invoices.models import Invoice, InvoiceStatus, PaymentAttempt
+from tests.billing_support import at, balance, owner_of, spend, sub_of, tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
 from tests.usage import credits_support
-from tests.usage.credits_support import (
-    DECLINING_CARD,
-    at,
-    balance,
-    bucket_total,
-    job,
-    owner_of,
-    payment_intents,
-    spend,
-    sub_of,
-    tick,
-)
+from tests.usage.credits_support import DECLINING_CARD, bucket_total, job, payment_intents
 from usage import credits
 from usage.models import (
     Bucket,

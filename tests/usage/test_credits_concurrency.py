@@ -3,19 +3,12 @@ localstripe): one recharge in flight, the monthly cap never exceeded, a form cha
 
 import pytest
 
+from tests.billing_support import balance, owner_of, sub_of, tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
 from tests.threads import in_threads
 from tests.usage import credits_support
-from tests.usage.credits_support import (
-    balance,
-    ensure_packs,
-    owner_of,
-    pack,
-    payment_intents,
-    sub_of,
-    tick,
-)
+from tests.usage.credits_support import ensure_packs, pack, payment_intents
 from usage import credits, services
 from usage.models import CreditPurchase, PurchaseKind, PurchaseStatus, RechargeKind
 

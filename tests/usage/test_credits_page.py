@@ -8,17 +8,10 @@ from django.urls import reverse
 
 from accounts.services import member_add
 from invoices.models import Invoice, InvoiceStatus
+from tests.billing_support import balance, owner_of, spend, tick
 from tests.factories import OrgFactory
 from tests.usage import credits_support
-from tests.usage.credits_support import (
-    DECLINING_CARD,
-    balance,
-    bucket_total,
-    owner_of,
-    payment_intents,
-    spend,
-    tick,
-)
+from tests.usage.credits_support import DECLINING_CARD, bucket_total, payment_intents
 from usage import credits
 from usage.models import Bucket, Commitment, CreditPack, CreditPurchase, PurchaseStatus, RechargeSetting, Tier
 

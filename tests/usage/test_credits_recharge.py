@@ -10,19 +10,11 @@ from django.test.utils import CaptureQueriesContext
 
 from accounts import clock
 from invoices.models import Invoice, InvoiceStatus
+from tests.billing_support import balance, owner_of, spend, tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
 from tests.usage import credits_support
-from tests.usage.credits_support import (
-    DECLINING_CARD,
-    balance,
-    bucket_total,
-    job,
-    owner_of,
-    payment_intents,
-    spend,
-    tick,
-)
+from tests.usage.credits_support import DECLINING_CARD, bucket_total, job, payment_intents
 from usage import credits
 from usage.models import (
     Bucket,
@@ -173,6 +165,29 @@ def test_a_crossing_whose_task_was_lost_is_recharged_by_billing_tick(org, packs)
     assert len(recharges(org)) == 1 and balance(org) == 12_000
     tick("2027-05-10T09:10:00Z")
     assert len(recharges(org)) == 1
+
+
+def test_a_recharge_whose_worker_died_before_paying_is_bought_by_the_next_tick_without_backing_off(
+    org, packs, monkeypatch, mailoutbox, committed
+):
+    set_threshold(org, 5_000, packs[10])
+    spend(org, 36_000, "below")
+    real_pay = credits._purchase_pay
+
+    def died(purchase):
+        raise RuntimeError("the worker was killed after reserving the recharge")
+
+    monkeypatch.setattr(credits, "_purchase_pay", died)
+    with pytest.raises(RuntimeError):
+        credits.recharge_threshold_run(org_id=org.pk)
+    monkeypatch.setattr(credits, "_purchase_pay", real_pay)
+    with committed():
+        tick("2027-05-10T09:10:00Z")  # settles the stale one as failed, then buys the pack
+    assert [p.status for p in recharges(org)] == [PurchaseStatus.PAID, PurchaseStatus.FAILED]
+    setting = RechargeSetting.objects.get(org=org)
+    assert (setting.failures, setting.next_try_at) == (0, None)  # our crash, not the card's fault
+    assert not [m for m in mailoutbox if m.subject.startswith("Auto-recharge")]
+    assert balance(org) == 4_000 + 8_000
 
 
 # --- safeguards -------------------------------------------------------------------------------

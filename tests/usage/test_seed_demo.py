@@ -8,9 +8,11 @@ import pytest
 from django.contrib.auth import authenticate
 from django.core.management import call_command
 from django.db.models import Sum
+from django.test import RequestFactory
 
 from accounts import clock
 from accounts.models import ApiKey, BillingPeriod, Membership, Organisation, Role, Subscription, User
+from invoices.models import Invoice
 from tests.invariants import assert_ledger_consistent
 from usage.models import CreditAccount, CreditLot, Job, JobStatus, LedgerEntry, UsageEvent, UsageRollup
 from usage.selectors import balance_for
@@ -66,9 +68,10 @@ def test_seed_demo_makes_people_and_history_once():
         "billing@example.com": Role.BILLING_ADMIN,
         "member@example.com": Role.MEMBER,
     }
+    sign_in = RequestFactory().post("/accounts/login/")  # django-axes checks who is signing in
     for email in roles:
-        assert authenticate(username=email, password=PASSWORD) is not None, email
-    staff = authenticate(username="admin@example.com", password="admin-demo-pass")
+        assert authenticate(sign_in, username=email, password=PASSWORD) is not None, email
+    staff = authenticate(sign_in, username="admin@example.com", password="admin-demo-pass")
     assert staff is not None and staff.is_staff and staff.is_superuser
     sub = Subscription.objects.select_related("plan", "current_period").get(org=org)
     assert sub.plan.code == "pro"
@@ -98,6 +101,10 @@ def test_seed_demo_makes_people_and_history_once():
     assert balance.credits_used_this_period == 400_000 - balance.credits_remaining
     charged = BillingPeriod.objects.filter(org=org).aggregate(s=Sum("credits_used"))["s"]
     assert charged == UsageRollup.objects.filter(org=org).aggregate(s=Sum("credits"))["s"]
+    # one Pro fee a period, each paid by bank transfer the day it was issued
+    invoices = Invoice.objects.filter(org=org)
+    assert invoices.count() == BillingPeriod.objects.filter(org=org).count() >= 3
+    assert {(i.status, i.total_cents, i.paid_at == i.issued_at) for i in invoices} == {("paid", 50_000, True)}
 
     # a second run (every `make run`) prints the logins and changes nothing
     before = counts()

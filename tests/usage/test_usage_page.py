@@ -9,10 +9,12 @@ from datetime import UTC, date, datetime, timedelta
 import plotly.graph_objects as go
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from django.urls import NoReverseMatch, reverse
 
 from accounts import clock
+from accounts.models import BillingPeriod
 from accounts.services import member_add
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent
@@ -67,6 +69,11 @@ def figure_from(html: str, element_id: str) -> dict:
     return json.loads(match.group(1))
 
 
+def csrf(response) -> str:
+    """The page's CSRF token (masked afresh for every response)."""
+    return re.search(r'"X-CSRFToken": "([^"]+)"', response.text).group(1)
+
+
 def csv_rows(response) -> list[list[str]]:
     return list(csv.reader(io.StringIO(response.content.decode())))
 
@@ -98,8 +105,8 @@ def test_presets_are_the_last_7_30_and_90_days_and_mark_the_current_one(owner_cl
     rollup(org, TODAY - timedelta(days=6), credits=7)
     rollup(org, TODAY - timedelta(days=7), credits=1000)  # the day before the 7-day range
     week = owner_client.get(presets[7]["url"])
-    assert len(week.context["grid"].rows) == 7
-    assert week.context["grid"].total == 7
+    assert len(week.context["report"].grid.rows) == 7
+    assert week.context["report"].grid.total == 7
     assert {p["days"]: p["current"] for p in week.context["presets"]} == {7: True, 30: False, 90: False}
 
 
@@ -114,7 +121,7 @@ def test_custom_range_includes_both_its_dates(owner_client, org):
 
     response = owner_client.get(PAGE, {"start": "2026-10-10", "end": "2026-10-20", "group_by": "product"})
 
-    grid = response.context["grid"]
+    grid = response.context["report"].grid
     assert [r.day for r in grid.rows][0] == date(2026, 10, 10)
     assert [r.day for r in grid.rows][-1] == date(2026, 10, 20)
     assert len(grid.rows) == 11
@@ -160,7 +167,7 @@ def test_bad_input_shows_an_error_and_the_default_range_not_a_500(owner_client, 
     assert 'data-testid="range-fallback"' in response.text
     chosen = response.context["usage_range"]
     assert (chosen.start, chosen.end) == (TODAY - timedelta(days=29), TODAY)
-    assert response.context["grid"].total == 55
+    assert response.context["report"].grid.total == 55
     # The dates typed stay in the form (an unknown grouping has no radio button to show it).
     for name in ("start", "end"):
         if name in query:
@@ -236,7 +243,7 @@ def test_table_numbers_equal_the_rollups(owner_client, org):
 
     response = owner_client.get(PAGE, {"start": "2026-11-19", "end": "2026-11-23"})
 
-    grid = response.context["grid"]
+    grid = response.context["report"].grid
     assert [c.key for c in grid.columns] == ["parse", "extract", "index"]
     rows = {r.day: (r.cells, r.total) for r in grid.rows}
     assert rows[date(2026, 11, 19)] == ([0, 0, 0], 0)
@@ -259,8 +266,8 @@ def test_group_by_mode_splits_ocr(owner_client, org):
     rollup(org, TODAY, "extract", "ocr", 50)
     rollup(org, TODAY, "parse", "audio", 30)
 
-    by_mode = owner_client.get(PAGE, {"group_by": "mode"}).context["grid"]
-    by_product = owner_client.get(PAGE, {"group_by": "product"}).context["grid"]
+    by_mode = owner_client.get(PAGE, {"group_by": "mode"}).context["report"].grid
+    by_product = owner_client.get(PAGE, {"group_by": "product"}).context["report"].grid
 
     assert [(c.label, t) for c, t in zip(by_mode.columns, by_mode.totals, strict=True)] == [
         ("Base", 100),
@@ -355,7 +362,7 @@ def test_csv_has_the_header_one_row_per_day_product_and_mode_and_adds_up(owner_c
         ["2026-11-23", "parse", "audio", "90", "90"],
     ]
     page = owner_client.get(PAGE, {"start": "2026-11-19", "end": "2026-11-23", "group_by": "mode"})
-    assert sum(int(r[3]) for r in rows[1:]) == page.context["grid"].total == 145
+    assert sum(int(r[3]) for r in rows[1:]) == page.context["report"].grid.total == 145
     assert page.context["csv_url"] == f"{CSV}?start=2026-11-19&end=2026-11-23&group_by=mode"
 
 
@@ -382,11 +389,71 @@ def test_usage_reported_through_events_appears_on_the_day_it_was_charged(owner_c
 
     response = owner_client.get(PAGE, {"start": "2026-11-17", "end": "2026-11-23", "group_by": "mode"})
 
-    rows = {r.day: r.total for r in response.context["grid"].rows}
+    rows = {r.day: r.total for r in response.context["report"].grid.rows}
     assert rows[date(2026, 11, 20)] == 24 and rows[date(2026, 11, 22)] == 60
-    assert response.context["grid"].total == 84
-    assert response.context["period"].used == 84
+    assert response.context["report"].grid.total == 84
+    assert response.context["report"].period.used == 84
     assert_ledger_consistent(org.pk)
+
+
+# --- what the page keeps in the cache ---------------------------------------------------------
+
+
+def test_new_usage_shows_at_once_on_a_page_viewed_before(owner_client, org):
+    rollup(org, TODAY, "parse", "base", 100)
+    for headers in ({}, HTMX):
+        assert 'data-testid="usage-total">100<' in owner_client.get(PAGE, headers=headers).text
+
+    usage_events_record(sub=org.subscription, events=[EventIn("ev-1", "extract", "base", 20, NOW)])
+    page = owner_client.get(PAGE)
+    fragment = owner_client.get(PAGE, headers=HTMX)
+
+    assert page.context["report"].grid.total == 140 and page.context["report"].period.used == 140
+    for html in (page.text, fragment.text):
+        assert 'data-testid="usage-total">140<' in html and 'data-testid="table-total">140<' in html
+        assert 'data-testid="period-used">140<' in html
+        assert [t["name"] for t in figure_from(html, "usage-chart")["data"]] == ["Parse", "Extract", "Total"]
+
+    # Rollups written by anything else (a bulk load, staff fixing a day) show at once too.
+    UsageRollup.objects.filter(org=org, product="parse").update(credits=F("credits") + 5)
+    assert 'data-testid="usage-total">145<' in owner_client.get(PAGE).text
+
+
+def test_a_new_quota_shows_at_once(owner_client, org):
+    rollup(org, TODAY, credits=100)
+    assert "Quota: 40,000 credits" in owner_client.get(PAGE).text
+
+    BillingPeriod.objects.filter(pk=org.subscription.current_period_id).update(monthly_credits=100_000)
+
+    html = owner_client.get(PAGE).text
+    assert "Quota: 100,000 credits" in html and "of 100,000 credits included" in html
+
+
+def test_owner_and_member_viewing_the_same_empty_range_each_get_their_own_note(owner_client, client, org):
+    member = member_add(org_id=org.pk, email="member@example.com", role="member", password="pw-123456789")
+    try:
+        link = f'<a href="{reverse("billing:api_keys")}">API keys</a>'
+    except NoReverseMatch:
+        pytest.skip("the API keys page is not there to link to")
+
+    assert link in owner_client.get(PAGE).text
+    client.force_login(member.user)
+    member_html = client.get(PAGE).text
+    assert "No usage in this range yet:" in member_html and link not in member_html
+    assert "an owner or billing admin of" in member_html
+
+
+def test_a_repeat_view_reads_only_the_totals_of_the_rollups(owner_client, org):
+    rollup(org, TODAY - timedelta(days=3), "parse", "base", 100)
+    rollup(org, TODAY, "index", "base", 7)
+    first = owner_client.get(PAGE, {"group_by": "mode"})
+
+    with CaptureQueriesContext(connection) as queries:
+        again = owner_client.get(PAGE, {"group_by": "mode"})
+
+    assert again.text.replace(csrf(again), "") == first.text.replace(csrf(first), "")
+    reads = [q["sql"] for q in queries if "usage_usagerollup" in q["sql"]]
+    assert len(reads) == 1 and reads[0].startswith("SELECT count(*), coalesce(sum(credits), 0)")
 
 
 # --- who sees what ----------------------------------------------------------------------------
@@ -399,7 +466,7 @@ def test_member_can_see_the_usage_page_and_its_csv(client, org):
 
     page = client.get(PAGE)
     assert page.status_code == 200
-    assert page.context["grid"].total == 77
+    assert page.context["report"].grid.total == 77
     assert "send your first job" not in page.text
     assert client.get(CSV).status_code == 200
 
@@ -431,9 +498,9 @@ def test_another_organisations_usage_never_appears(owner_client, org):
     fragment = owner_client.get(PAGE, headers=HTMX)
     rows = csv_rows(owner_client.get(CSV))
 
-    assert page.context["grid"].total == 10
-    assert [c.key for c in page.context["grid"].columns] == ["parse"]
-    assert page.context["period"].used == 10
+    assert page.context["report"].grid.total == 10
+    assert [c.key for c in page.context["report"].grid.columns] == ["parse"]
+    assert page.context["report"].period.used == 10
     assert "5,000" not in page.text and "Classify" not in page.text
     assert "Classify" not in fragment.text
     assert rows[1:] == [["2026-11-23", "parse", "base", "10", "10"]]

@@ -1,3 +1,4 @@
+import gc
 from datetime import UTC
 
 from django.core.management.base import BaseCommand, CommandError
@@ -26,8 +27,15 @@ class Command(BaseCommand):
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             moment = moment.astimezone(UTC)
+        # What Django and the app have loaded outlives the tick: leave it out of the cyclic
+        # collector's full passes, which would otherwise rescan it again and again while a period
+        # close allocates its millions of short-lived objects (a sixth of the close's CPU).
+        gc.freeze()
         try:
-            moment = clock_move(at=moment)
-        except BillingError as error:
-            raise CommandError(error.message) from None
-        self.stdout.write(str(tick_run(at=moment)))
+            try:
+                moment = clock_move(at=moment)
+            except BillingError as error:
+                raise CommandError(error.message) from None
+            self.stdout.write(str(tick_run(at=moment)))
+        finally:
+            gc.unfreeze()
