@@ -17,14 +17,19 @@ These run in the PostgreSQL pass only (real transactions; localstripe), once, fo
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from email import policy as email_policy
+from email.parser import BytesParser
 from importlib import import_module
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -230,12 +235,16 @@ KILLS = [
     ),
 ]
 
-# The worker: Django set up on the test database, `target` made to announce itself and wait to be
-# killed, then the step's code.
+# The worker: Django set up on the test database, its e-mails written to files in a folder (what it
+# sent before it died was really sent), `target` made to announce itself and wait to be killed, then
+# the step's code.
 WORKER = """
 import importlib, sys, time
 import django
 django.setup()
+from django.conf import settings
+settings.EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+settings.EMAIL_FILE_PATH = sys.argv[4]
 module_name, name = sys.argv[1].split(":")
 module = importlib.import_module(module_name)
 real = getattr(module, name)
@@ -259,14 +268,37 @@ def _worker_env() -> dict[str, str]:
         "DJANGO_SETTINGS_MODULE": "billing_site.settings",
         "DATABASE_URL": url,
         "STRIPE_API_BASE": settings.STRIPE_API_BASE,
-        "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
     }
 
 
+@dataclass(frozen=True)
+class SentMail:
+    """What tests/reliability/snapshot.py reads of an e-mail."""
+
+    subject: str
+    to: list[str]
+
+
+def _mails_sent_by_worker(folder: Path) -> list[SentMail]:
+    """The e-mails the killed worker sent, from the files of Django's filebased backend (one file
+    per connection, messages separated by a line of 79 dashes)."""
+    sent = []
+    for path in sorted(folder.iterdir()):
+        for chunk in path.read_bytes().split(b"-" * 79):
+            if chunk.strip():
+                message = BytesParser(policy=email_policy.default).parsebytes(chunk.strip() + b"\n")
+                sent.append(
+                    SentMail(str(message["Subject"]), [a.strip() for a in str(message["To"]).split(",")])
+                )
+    return sent
+
+
 def _run_and_kill(world, step, kill: Kill) -> None:
-    """Runs the step in a worker process of its own and kills it with SIGKILL at `kill.target`."""
+    """Runs the step in a worker process of its own and kills it with SIGKILL at `kill.target`; the
+    e-mails it sent before dying join the test's outbox."""
+    mail_folder = Path(tempfile.mkdtemp(prefix="killed-worker-mail-"))
     worker = subprocess.Popen(  # noqa: S603 - our interpreter, our code
-        [sys.executable, "-c", WORKER, kill.target, kill.when, step.script(world)],
+        [sys.executable, "-c", WORKER, kill.target, kill.when, step.script(world), str(mail_folder)],
         cwd=settings.BASE_DIR,
         env=_worker_env(),
         stdout=subprocess.PIPE,
@@ -284,6 +316,8 @@ def _run_and_kill(world, step, kill: Kill) -> None:
     assert line.strip() == "REACHED", (
         f"the worker never reached {kill.target}: {line!r} {worker.stderr.read()[-2000:]}"
     )
+    mail.outbox.extend(_mails_sent_by_worker(mail_folder))
+    shutil.rmtree(mail_folder)
 
 
 def run(monkeypatch, crash: Crash | None = None, kill: Kill | None = None) -> tuple[dict, str | None]:
