@@ -1,6 +1,11 @@
 """What every response under /api/v1/ gets, whatever view answers (DESIGN §7): the caller's API key
 checked, a request id, the rate limit counted and shown in RateLimit-* headers, and every error
-(401, 429, a stray 404 or 405, a 500) in the one JSON envelope."""
+(401, 429, a stray 404 or 405, a 500) in the one JSON envelope.
+
+An API request stops here: this middleware resolves and calls the view itself, so the middleware
+below it in settings.MIDDLEWARE (sessions, CSRF, users, messages, the audit actor, htmx, the page
+security policy, sign-in throttling), which serves the pages and has nothing to do for a Bearer
+request, costs it nothing. What sits above (SecurityMiddleware, WhiteNoise) still applies."""
 
 import logging
 import secrets
@@ -9,6 +14,7 @@ import time
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import JsonResponse
+from django.urls import Resolver404, resolve
 
 from accounts.services import api_key_authenticate
 from usage import rate_limits
@@ -85,7 +91,7 @@ class MeteringApiMiddleware:
                 "Missing, unknown or revoked API key: send Authorization: Bearer <api key>.",
             )
         else:
-            response = self.get_response(request)
+            response = self._view_response(request)
             if response.status_code >= 400 and response.get("Content-Type", "") != "application/json":
                 response = self._as_envelope(request, response)
         if response.status_code == 429 and "Retry-After" not in response:
@@ -95,6 +101,23 @@ class MeteringApiMiddleware:
         response["RateLimit-Reset"] = str(window.reset)
         response["X-Request-Id"] = request.request_id
         return response
+
+    def _view_response(self, request):
+        """The view's answer, the middleware below skipped (as the module says); an exception goes
+        through process_exception as Django would send it, and what that does not answer is raised
+        to Django's handler."""
+        try:
+            match = resolve(request.path_info)
+        except Resolver404:
+            return error_response(request, 404, "NOT_FOUND", "Not found.")
+        request.resolver_match = match
+        try:
+            return match.func(request, *match.args, **match.kwargs)
+        except Exception as exception:
+            response = self.process_exception(request, exception)
+            if response is None:
+                raise
+            return response
 
     def _as_envelope(self, request, response):
         status = response.status_code

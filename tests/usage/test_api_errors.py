@@ -366,6 +366,20 @@ def test_a_revoked_key_is_401(api_for):
     assert_api_headers(response, api_middleware.ANONYMOUS_RPM, before, time.time())
 
 
+def test_a_signed_in_browser_session_is_not_an_api_key(client):
+    """The API answers Bearer keys only: the page middleware (sessions, CSRF, users, the page
+    security policy) is skipped for /api/v1/, so a session cookie neither signs the call in nor
+    touches the answer."""
+    org = OrgFactory(plan="starter")
+    client.force_login(org.memberships.get().user)
+
+    response = client.get("/api/v1/balance")
+
+    assert_error(response, 401, "UNAUTHENTICATED")
+    assert "Set-Cookie" not in response and "Content-Security-Policy" not in response
+    assert "Cookie" not in response.get("Vary", "")
+
+
 def test_a_key_with_the_wrong_scheme_is_401(api_for):
     org = OrgFactory(plan="starter")
     client, _ = anonymous(Authorization=f"Token {org.raw_key}")
