@@ -34,7 +34,7 @@ from accounts.models import (
 )
 from billing_site.errors import BillingError, invalid
 from billing_site.money import prorate_cents
-from billing_site.rows import Columns
+from billing_site.rows import Columns, load_joined
 
 logger = logging.getLogger(__name__)
 
@@ -347,12 +347,7 @@ def api_key_authenticate(raw: str) -> ApiKey | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    start, loaded = 0, []
-    for part in parts:
-        values = row[start : start + len(part)]
-        start += len(part)
-        loaded.append(part.load(values) if values[0] is not None else None)  # a missing commitment
-    key, org, sub, plan, commitment = loaded
+    key, org, sub, plan, commitment = load_joined(parts, row)  # commitment None: none yet
     if not hmac.compare_digest(key.key_hash, _hash(raw)):
         return None
     # What select_related("org__subscription__plan", "org__commitment") would have cached.

@@ -5,7 +5,8 @@ hold and charge).
 `Columns(Model, alias)` is a model's concrete columns: `.sql` is the select (or RETURNING) list, and
 `.load(row)` turns those values of a row back into an instance exactly as the ORM would, the backend's
 converters first (SQLite returns datetimes naive, UUIDs as hex, decimals as floats), then
-`Model.from_db`. `.insert(instance)` is the other way: one INSERT of all its values (primary key
+`Model.from_db`; `load_joined(parts, row)` does that for each model of a row that joins several.
+`.insert(instance)` is the other way: one INSERT of all its values (primary key
 included), prepared as `save()` prepares them; `.json(instance)` gives the same values as a JSON
 object by column, for PostgreSQL's json_populate_record.
 """
@@ -68,3 +69,14 @@ class Columns:
         """The instance's attribute values as a JSON object by column; datetimes, UUIDs and
         decimals as their text, which PostgreSQL reads back exactly."""
         return json.dumps({f.column: getattr(instance, f.attname) for f in self.fields}, default=str)
+
+
+def load_joined(parts: tuple[Columns, ...], row) -> list[Model | None]:
+    """The instances of a row that selects each of `parts`' columns in turn; None for a part whose
+    primary key is NULL (a LEFT JOIN that found nothing). The primary key comes first in each."""
+    start, loaded = 0, []
+    for part in parts:
+        values = row[start : start + len(part)]
+        start += len(part)
+        loaded.append(part.load(values) if values[0] is not None else None)
+    return loaded
