@@ -8,10 +8,9 @@ from functools import cache, wraps
 
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.db import connection
 
 from accounts.models import BillingPeriod, Membership, Organisation, Plan, Subscription
-from billing_site.rows import Columns, load_joined
+from billing_site.rows import Columns, load_joined, planned_cursor
 
 SESSION_KEY = "org_id"
 
@@ -59,7 +58,7 @@ def _memberships_of(user_id: int) -> list[Membership]:
     "org__subscription__current_period") would load, in one hand-written query: on every page the
     ORM's building of that join cost more than running it."""
     sql, parts = _memberships_lookup()
-    with connection.cursor() as cursor:
+    with planned_cursor() as cursor:
         cursor.execute(sql, [user_id])
         rows = cursor.fetchall()
     memberships = []

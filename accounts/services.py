@@ -15,7 +15,7 @@ from functools import cache
 
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, OuterRef, Q, Subquery
 from django.utils import timezone
 
@@ -34,7 +34,7 @@ from accounts.models import (
 )
 from billing_site.errors import BillingError, invalid
 from billing_site.money import prorate_cents
-from billing_site.rows import Columns, load_joined
+from billing_site.rows import Columns, load_joined, planned_cursor
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def api_key_authenticate(raw: str) -> ApiKey | None:
     if match is None:
         return None
     sql, parts = _api_key_lookup()
-    with connection.cursor() as cursor:
+    with planned_cursor() as cursor:
         cursor.execute(sql, [match.group(1)])
         row = cursor.fetchone()
     if row is None:

@@ -9,6 +9,12 @@ converters first (SQLite returns datetimes naive, UUIDs as hex, decimals as floa
 `.insert(instance)` is the other way: one INSERT of all its values (primary key
 included), prepared as `save()` prepares them; `.json(instance)` gives the same values as a JSON
 object by column, for PostgreSQL's json_populate_record.
+
+`planned_cursor()` is for those hot statements: on PostgreSQL its parameters are bound by the server,
+so psycopg prepares a statement that runs more than five times on a connection and PostgreSQL plans
+it once per connection, not on every run (the API-key lookup's five-table join spent 0.3 ms planning
+and 0.04 ms running). A connection pooler in front of PostgreSQL must then keep prepared statements
+per client (PgBouncer 1.21+ with max_prepared_statements, or session pooling).
 """
 
 import json
@@ -69,6 +75,23 @@ class Columns:
         """The instance's attribute values as a JSON object by column; datetimes, UUIDs and
         decimals as their text, which PostgreSQL reads back exactly."""
         return json.dumps({f.column: getattr(instance, f.attname) for f in self.fields}, default=str)
+
+
+def planned_cursor():
+    """A cursor for a hot hand-written statement (see the module's words): on PostgreSQL one that
+    binds parameters on the server, wrapped as Django wraps its own (execute_wrapper, the query log,
+    database errors as django.db exceptions, the health check); elsewhere Django's own cursor."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    if conn.vendor != "postgresql":
+        return conn.cursor()
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    conn.close_if_health_check_failed()
+    conn.ensure_connection()
+    conn.validate_thread_sharing()
+    with conn.wrap_database_errors:
+        raw = ServerBindingCursor(conn.connection)
+    return conn.make_debug_cursor(raw) if conn.queries_logged else conn.make_cursor(raw)
 
 
 def load_joined(parts: tuple[Columns, ...], row) -> list[Model | None]:

@@ -39,7 +39,7 @@ from billing_site.errors import (
     invalid,
     not_found,
 )
-from billing_site.rows import Columns
+from billing_site.rows import Columns, planned_cursor
 from usage.models import (
     CreditAccount,
     CreditLot,
@@ -546,7 +546,7 @@ def job_start(
 
 def _hold_in_database(job: Job, sub: Subscription) -> Hold:
     """The hold in one statement: usage_job_start (migration 0006) locks, decides and writes."""
-    with connection.cursor() as cursor:
+    with planned_cursor() as cursor:
         cursor.execute(
             "SELECT * FROM usage_job_start("
             "json_populate_record(NULL::usage_job, %s::json), %s::integer, %s::numeric, %s::bigint)",
@@ -620,7 +620,7 @@ def _job_end(org_id: int, job_id, status: str, pages: int = 0) -> Job:
     organisation has no such job."""
     now = clock.now()
     if connection.vendor == "postgresql":  # one statement: usage_job_end (migration 0006)
-        with connection.cursor() as cursor:
+        with planned_cursor() as cursor:
             cursor.execute(
                 f"SELECT {_JOB.sql} FROM usage_job_end("  # noqa: S608 (our columns)
                 "%s::bigint, %s::uuid, %s::text, %s::integer, %s::timestamptz, %s::date)",
