@@ -2,10 +2,10 @@
 (issue 5): p95 under 100 ms and at most 3× a trivial page on the same gunicorn, driven by the same
 client the same way, signed in as the organisation's owner.
 
-The trivial page is the password-reset form requested signed in: a page of the site with nothing
-of its own to do, through the same middleware, session, user and organisation lookup and base
-template as every signed-in page. GET /healthz (one query, no page) is measured beside it and its
-ratio printed too, as the jobs benchmark's ceiling.
+The ceiling is GET /healthz (one query), as for the jobs benchmark: the strictest reading of "a
+trivial page". A trivial page of the site itself is measured and its ratio printed beside it: the
+password-reset form requested signed in, which has nothing of its own to do but goes through the
+same middleware, session, user and organisation lookup and base template as every signed-in page.
 
 The events go straight into PostgreSQL with INSERT … SELECT FROM generate_series (not through the
 API), spread over the last 90 days, in one transaction that takes the table's indexes off for the
@@ -358,13 +358,15 @@ def run(server: Server, events: int = EVENTS) -> Outcome:
         )
     for name in page_names:
         p95 = p[name][1]
-        ratio = p95 / trivial_p95 if trivial_p95 else float("inf")
-        print(f"usage:   {name}: p95 {p95 / healthz_p95 if healthz_p95 else float('inf'):.2f}x /healthz's")
+        ratio = p95 / healthz_p95 if healthz_p95 else float("inf")
+        print(
+            f"usage:   {name}: p95 {p95 / trivial_p95 if trivial_p95 else float('inf'):.2f}x the trivial page's"
+        )
         outcome.rows.append(
             Row(
                 f"{name} p95 (ms, {events / 1e6:g}M events)",
                 f"{p95:.1f}",
-                f"{trivial_p95:.1f} (trivial page)",
+                f"{healthz_p95:.1f} (healthz)",
                 f"{ratio:.2f}",
                 f"<= {RATIO_TARGET:g}x and p95 < {P95_TARGET_MS:.0f} ms",
                 ratio <= RATIO_TARGET and p95 < P95_TARGET_MS,
