@@ -11,6 +11,8 @@ returns if it is no longer pending. After a crash between the Stripe call and th
 `payment_attempts_reconcile()` looks the PaymentIntent up at Stripe by the attempt's metadata
 (never making a second one) and finishes the job, calling the paid-handler registered for the
 invoice's kind (`on_paid_register`) with the invoice, whose `fulfilment` says what it grants.
+An attempt that made no PaymentIntent (Stripe unreachable, or a crash before the call) does not
+count: on an issued invoice it is withdrawn and its number tried again (`_attempt_unsent`).
 
 Call `purchase_charge` and `invoice_charge` outside any transaction: their first write must be
 committed before Stripe is called.
@@ -503,10 +505,30 @@ def _attempt_run(attempt: PaymentAttempt, customer_id: str, on_paid, on_declined
             customer_id=customer_id, idempotency_key=attempt.idempotency_key
         )  # raises StripeUnavailable again if Stripe is still away: the attempt stays pending
         if result is None:
-            _attempt_fail(attempt, stripe_gateway.UNAVAILABLE_MESSAGE)
+            _attempt_unsent(attempt, stripe_gateway.UNAVAILABLE_MESSAGE)
             raise
     _settle(attempt, result, on_paid, on_declined)
     return result
+
+
+def _attempt_unsent(attempt: PaymentAttempt, message: str) -> str:
+    """Settles a pending attempt that made no PaymentIntent (looking it up by its key at Stripe
+    found none). A draft's attempt fails and voids the draft, as a decline does: the customer is
+    told and tries again. An issued invoice's attempt is withdrawn: deleted, so a Stripe outage
+    does not use up the invoice's four attempts or send a dunning e-mail; the invoice stays due and
+    the next try takes the same number and idempotency key (Stripe's own way to retry a request
+    that may not have arrived). Returns "failed", "withdrawn", or "settled" if it already was."""
+    with transaction.atomic():
+        locked = PaymentAttempt.objects.select_for_update().filter(pk=attempt.pk).first()
+        if locked is None or locked.status != AttemptStatus.PENDING:
+            return "settled"
+        invoice = Invoice.objects.select_for_update().get(pk=locked.invoice_id)
+        if invoice.status == InvoiceStatus.DRAFT:
+            _attempt_fail(locked, message)
+            return "failed"
+        locked.delete()
+    log.warning("%s made no PaymentIntent (%s): withdrawn, the invoice stays due", attempt, message)
+    return "withdrawn"
 
 
 def _settle(attempt: PaymentAttempt, result: ChargeResult, on_paid, on_declined=None) -> None:
@@ -612,8 +634,7 @@ def _attempt_reconcile(attempt: PaymentAttempt) -> str:
             customer_id=customer_id, idempotency_key=attempt.idempotency_key
         )
     if result is None:
-        _attempt_fail(attempt, "Interrupted before reaching Stripe: no payment was made.")
-        return "failed"
+        return _attempt_unsent(attempt, "Interrupted before reaching Stripe: no payment was made.")
     kind = attempt.invoice.kind
     _settle(attempt, result, _ON_PAID.get(kind), _ON_DECLINED.get(kind))
     attempt.refresh_from_db()

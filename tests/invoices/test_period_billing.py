@@ -157,3 +157,31 @@ def test_retries_that_fell_behind_are_not_made_back_to_back(stripe_card):
     assert invoice.next_attempt_at == datetime(2027, 2, 12, tzinfo=UTC)
     tick("2027-02-12T00:00:00Z")
     assert invoice.attempts.count() == 3
+
+
+@pytest.mark.usefixtures("localstripe")
+def test_charges_stripe_never_received_use_up_no_attempt_and_the_invoice_is_paid_when_it_answers(
+    stripe_card, monkeypatch, mailoutbox
+):
+    from invoices import stripe_gateway
+
+    tick("2027-01-15T10:00:00Z")
+    org = OrgFactory(plan="starter")
+    stripe_card(org)
+
+    def unreachable(**kwargs):  # the charge never arrives; looking it up afterwards works
+        raise stripe_gateway.StripeUnavailable("timeout")
+
+    with monkeypatch.context() as outage:
+        outage.setattr(stripe_gateway, "payment_intent_create_off_session", unreachable)
+        for minute in range(6):  # more ticks than an invoice has attempts
+            tick(f"2027-01-15T11:0{minute}:00Z")
+    invoice = invoices_of(org)[0]
+    assert invoice.status == InvoiceStatus.ISSUED and invoice.attempts.count() == 0
+    assert invoice.first_failed_at is None and mailoutbox == []  # not a decline: no dunning
+
+    tick("2027-01-15T11:10:00Z")
+    invoice.refresh_from_db()
+    attempt = invoice.attempts.get()
+    assert invoice.status == InvoiceStatus.PAID
+    assert (attempt.number, attempt.idempotency_key) == (1, f"inv-{invoice.pk}-attempt-1")
