@@ -1,6 +1,6 @@
 """Fixed 60-second windows of requests per key (an organisation, or a client address).
 
-One interface, two stores: Redis when REDIS_URL is set (INCR + EXPIRE in one round trip), the
+One interface, two stores: Redis when REDIS_URL is set (INCR + EXPIRE in one script call), the
 database otherwise (one upsert that returns the count). Windows follow the wall clock, since
 RateLimit-Reset is a Unix time.
 """
@@ -37,19 +37,24 @@ class Window:
         return max(1, int(self.reset - now + 0.999))
 
 
+# INCR, and EXPIRE on the window's first request, as one atomic command (EVALSHA): a redis-py
+# pipeline of the two cost about twice the client-side time of one command.
+_INCR_EXPIRING = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
 class RedisCounter:
     def __init__(self, url: str):
         import redis
 
         self.client = redis.Redis.from_url(url)
+        self._incr = self.client.register_script(_INCR_EXPIRING)
 
     def incr(self, key: str, window: int) -> int:
-        name = f"ratelimit:{key}:{window}"
-        pipe = self.client.pipeline(transaction=False)
-        pipe.incr(name)
-        pipe.expire(name, WINDOW_SECONDS * 2)
-        count, _ = pipe.execute()
-        return int(count)
+        return int(self._incr(keys=[f"ratelimit:{key}:{window}"], args=[WINDOW_SECONDS * 2]))
 
 
 class DatabaseCounter:

@@ -757,3 +757,15 @@ def test_a_rate_limit_store_that_is_down_lets_requests_through_with_headers(api_
     assert response.status_code == 200
     assert response["RateLimit-Limit"] == "120"
     assert response["RateLimit-Remaining"] == "120"
+
+
+@pytest.mark.postgres  # the PostgreSQL pass runs with Redis
+def test_a_redis_window_counts_once_per_request_and_expires_after_two_windows(settings):
+    counter = rate_limits.RedisCounter(settings.REDIS_URL)
+    window = 123_456
+
+    counts = [counter.incr("org:test-expiry", window) for _ in range(3)]
+
+    assert counts == [1, 2, 3]
+    ttl = counter.client.ttl(f"ratelimit:org:test-expiry:{window}")
+    assert 0 < ttl <= 2 * rate_limits.WINDOW_SECONDS
