@@ -93,7 +93,9 @@ else:
     # through billing_site.rows.planned_cursor (Django's own cursors bind on the client and never
     # prepare). Behind a transaction-pooling PgBouncer older than 1.21, set it to "" (never).
     threshold = env.str("DATABASE_PREPARE_THRESHOLD", default="5")
-    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = int(threshold) if threshold else None
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+        int(threshold) if threshold else None
+    )
     DATABASES["default"].setdefault("TEST", {})["NAME"] = env.str(
         "DATABASE_TEST_NAME", default="test_billing"
     )
