@@ -6,7 +6,8 @@ import pytest
 from django.apps import apps
 
 from invoices import stripe_gateway
-from tests.billing_support import sub_of
+from tests.billing_support import sub_of, tick
+from tests.factories import OrgFactory
 from usage import services
 from usage.models import Bucket, CreditLot, CreditPack
 
@@ -50,6 +51,16 @@ def payment_intents(org) -> list:
 def packs(db):
     ensure_packs()
     return {p.price_cents // 100: p for p in CreditPack.objects.all()}
+
+
+@pytest.fixture
+def starter_with_card(packs, stripe_card):
+    """A Starter organisation (40,000 plan credits) on 10 May 2027 with a working card. The test
+    modules take it under the name they use (`buyer = credits_support.starter_with_card`)."""
+    tick("2027-05-10T09:00:00Z")
+    org = OrgFactory(plan="starter")
+    stripe_card(org)
+    return org
 
 
 @pytest.fixture

@@ -30,17 +30,9 @@ from usage.models import (
 )
 
 packs = credits_support.packs  # a fixture
+buyer = credits_support.starter_with_card  # a fixture
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def buyer(packs, stripe_card):
-    """A Starter organisation on 10 May 2027 with a working card."""
-    tick("2027-05-10T09:00:00Z")
-    org = OrgFactory(plan="starter")
-    stripe_card(org)
-    return org
 
 
 def buy(org, pack, token=None, agreed=True):

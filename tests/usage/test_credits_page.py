@@ -16,6 +16,7 @@ from usage import credits
 from usage.models import Bucket, Commitment, CreditPack, CreditPurchase, PurchaseStatus, RechargeSetting, Tier
 
 packs = credits_support.packs  # a fixture
+org = credits_support.starter_with_card  # a fixture
 
 pytestmark = pytest.mark.django_db
 
@@ -35,14 +36,6 @@ def messages_of(response) -> list[str]:
 
 def refund_url(purchase_id) -> str:
     return reverse("billing:credits_refund", args=[purchase_id])
-
-
-@pytest.fixture
-def org(packs, stripe_card):
-    tick("2027-05-10T09:00:00Z")
-    org = OrgFactory(plan="starter")
-    stripe_card(org)
-    return org
 
 
 @pytest.fixture

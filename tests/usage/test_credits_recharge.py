@@ -29,18 +29,10 @@ from usage.models import (
 )
 
 packs = credits_support.packs  # a fixture
+org = credits_support.starter_with_card  # a fixture
 eager_tasks = credits_support.eager_tasks  # a fixture
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def org(packs, stripe_card):
-    """A Starter organisation (40,000 plan credits) on 10 May 2027 with a working card."""
-    tick("2027-05-10T09:00:00Z")
-    org = OrgFactory(plan="starter")
-    stripe_card(org)
-    return org
 
 
 def set_threshold(org, threshold, pack, cap_dollars=None):
