@@ -682,3 +682,22 @@ def test_a_job_in_an_audio_mode_is_400(api_for):
     assert_error(response, 400, "INVALID_ARGUMENT")
     assert not Job.objects.filter(org=org).exists()
     assert credits_left(org) == 40_000
+
+
+@pytest.mark.postgres
+def test_the_hot_statements_are_prepared_once_they_repeat(api_for):
+    """The API-key lookup and the hold and end functions are planned once per connection
+    (billing_site.rows.planned_cursor), not on every request."""
+    from django.db import connection
+
+    org = OrgFactory(plan="starter")
+    api = api_for(org.raw_key)
+    for _ in range(6):  # psycopg prepares a statement on its sixth run
+        job = start(api)
+        assert api.post(f"jobs/{job['id']}/complete", {"pages": 1}).status_code == 200
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    for statement in ("FROM accounts_apikey k", "usage_job_start(", "usage_job_end("):
+        assert any(statement in text for text in prepared), (statement, prepared)
