@@ -1,6 +1,7 @@
 """The metering API, /api/v1/ (DESIGN §7). django-ninja generates /api/v1/openapi.json from these
 schemas; the API key, rate limits and headers are applied by usage.api_middleware."""
 
+import json
 import re
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -9,6 +10,7 @@ from typing import Annotated, Literal
 from django.http import Http404
 from ninja import Field, Header, NinjaAPI, Query, Schema, Status
 from ninja.errors import HttpError, ValidationError
+from ninja.parser import Parser
 from ninja.security import HttpBearer
 from pydantic import (
     AfterValidator,
@@ -38,6 +40,27 @@ class ApiKeyAuth(HttpBearer):
         return getattr(request, "api_key", None)
 
 
+class DuplicateKey(ValueError):
+    """A JSON object of the body names the same key twice."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise DuplicateKey(f'Malformed JSON body: the key "{twice}" appears twice in one object.')
+    return found
+
+
+class StrictJsonParser(Parser):
+    """Request bodies as JSON, refusing an object that names a key twice: JSON parsers disagree on
+    which of the two values wins, so such a request means different things to different readers."""
+
+    def parse_body(self, request):
+        return json.loads(request.body, object_pairs_hook=_no_duplicate_keys)
+
+
 api = NinjaAPI(
     title="Metering API",
     version="1.0",
@@ -45,6 +68,7 @@ api = NinjaAPI(
     urls_namespace="api",
     docs_url=None,
     auth=ApiKeyAuth(),
+    parser=StrictJsonParser(),
 )
 
 
@@ -96,7 +120,10 @@ def _http_error(request, exc):
         if exc.status_code == 401
         else "INVALID_ARGUMENT"
     )
-    message = "Malformed JSON body." if exc.status_code == 400 else str(exc)
+    if isinstance(exc.__cause__, DuplicateKey):  # ninja wraps what the parser raised
+        message = str(exc.__cause__)
+    else:
+        message = "Malformed JSON body." if exc.status_code == 400 else str(exc)
     return error_response(request, exc.status_code, code, message)
 
 

@@ -133,6 +133,7 @@ BAD_JOBS = {
     "missing file_type": raw_object(JOB, file_type=MISSING),
     "missing file_size": raw_object(JOB, file_size=MISSING),
     "extra field": raw_object(JOB, priority='"high"'),
+    "pages twice": raw_object(JOB)[:-1] + ', "pages": 100000}',
 }
 
 
@@ -149,6 +150,16 @@ def test_a_bad_job_request_is_400_and_changes_nothing(api_for, raw):
     assert not Job.objects.filter(org=org).exists()
     assert api.post("jobs", JOB, headers={"Idempotency-Key": "k1"}).status_code == 201  # key not stored
     assert_ledger_consistent(org.pk)
+
+
+def test_a_key_named_twice_is_400_saying_which(api_for):
+    org = OrgFactory(plan="starter")
+    events = '{"events": [{"id": "e1", "product": "parse", "units": 1, "units": 5, "timestamp": "2027-01-15T10:00:00Z"}]}'
+
+    error = assert_error(api_for(org.raw_key).post("usage/events", raw=events), 400, "INVALID_ARGUMENT")
+
+    assert error["message"] == 'Malformed JSON body: the key "units" appears twice in one object.'
+    assert not UsageEvent.objects.filter(org=org).exists()
 
 
 def test_an_empty_body_is_400_saying_a_json_object_is_required(api_for):
