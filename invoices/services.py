@@ -425,10 +425,10 @@ def _attempt_succeed(
     """Writes a successful charge: attempt succeeded, a draft issued, the invoice Paid and what it
     bought granted — one transaction. Returns False if the attempt was already settled."""
     with transaction.atomic():
+        invoice = Invoice.objects.select_for_update().get(pk=attempt.invoice_id)  # invoice, then attempt
         locked = PaymentAttempt.objects.select_for_update().get(pk=attempt.pk)
         if locked.status != AttemptStatus.PENDING:
             return False
-        invoice = Invoice.objects.select_for_update().get(pk=locked.invoice_id)
         _organisation_lock(invoice.org_id)
         now = clock.now()
         locked.status = AttemptStatus.SUCCEEDED
@@ -467,10 +467,10 @@ def _attempt_fail(
     never numbered), an issued invoice stays Issued and, when the bank declined it, `on_declined`
     runs. Returns False if already settled."""
     with transaction.atomic():
+        invoice = Invoice.objects.select_for_update().get(pk=attempt.invoice_id)  # invoice, then attempt
         locked = PaymentAttempt.objects.select_for_update().get(pk=attempt.pk)
         if locked.status != AttemptStatus.PENDING:
             return False
-        invoice = Invoice.objects.select_for_update().get(pk=locked.invoice_id)
         locked.status = AttemptStatus.FAILED
         locked.error_message = message
         locked.stripe_payment_intent_id = payment_intent_id or locked.stripe_payment_intent_id
@@ -519,10 +519,10 @@ def _attempt_unsent(attempt: PaymentAttempt, message: str) -> str:
     the next try takes the same number and idempotency key (Stripe's own way to retry a request
     that may not have arrived). Returns "failed", "withdrawn", or "settled" if it already was."""
     with transaction.atomic():
+        invoice = Invoice.objects.select_for_update().get(pk=attempt.invoice_id)  # invoice, then attempt
         locked = PaymentAttempt.objects.select_for_update().filter(pk=attempt.pk).first()
         if locked is None or locked.status != AttemptStatus.PENDING:
             return "settled"
-        invoice = Invoice.objects.select_for_update().get(pk=locked.invoice_id)
         if invoice.status == InvoiceStatus.DRAFT:
             _attempt_fail(locked, message)
             return "failed"

@@ -1,7 +1,11 @@
-"""Two writers of the same organisation that both number an invoice: a period close (it holds the
-subscription and the credit account, then takes the year's number) and a card payment being
-written (it takes the number, then grants what was bought). Held at the worst moment, in real
-threads on PostgreSQL, neither may deadlock the other."""
+"""Writers of the same organisation held at the worst moment, in real threads on PostgreSQL: neither
+may deadlock the other.
+
+- A period close and a card payment that both number an invoice: the close holds the subscription
+  and the credit account, then takes the year's number; the payment takes the number, then grants
+  what was bought.
+- Two charges of one invoice, one writing its declined attempt while the other starts the next:
+  both lock the invoice, then its attempts."""
 
 import threading
 import time
@@ -12,9 +16,10 @@ from django.db import connection
 
 from accounts.models import Subscription
 from accounts.services import period_roll, subscription_upgrade
+from billing_site.errors import BillingError
 from invoices import services as invoice_services
 from invoices import stripe_gateway
-from invoices.models import Invoice
+from invoices.models import AttemptStatus, Invoice, InvoiceStatus
 from tests.billing_support import tick
 from tests.factories import OrgFactory
 from tests.invariants import assert_ledger_consistent, invoice_number_anomalies
@@ -144,3 +149,32 @@ def test_an_upgrade_paid_while_its_period_closes_is_applied_before_the_close(str
         ("period", 50_000),  # Pro, from 15 February
     ]
     assert_ledger_consistent(org.pk)
+
+
+def test_an_attempt_written_while_the_next_charge_starts_deadlocks_neither(stripe_card, monkeypatch):
+    tick("2027-01-15T10:00:00Z")
+    org = OrgFactory(plan="starter")
+    stripe_card(org, "4000000000000341")  # attaches, then every charge is declined
+    tick("2027-01-15T11:00:00Z")  # the period invoice is issued and its first charge declined
+    invoice = Invoice.objects.get(org=org, status=InvoiceStatus.ISSUED)
+    declined = Pause(monkeypatch, stripe_gateway, "payment_intent_create_off_session", "first", after=True)
+    starting = Pause(monkeypatch, invoice_services, "_attempt_create", "second")
+    outcome = {}
+
+    first = start("first", lambda: invoice_services.invoice_charge(invoice=invoice), outcome)
+    assert declined.reached.wait(30)  # attempt 2 is pending, Stripe has declined it; our write is next
+    second = start("second", lambda: invoice_services.invoice_charge(invoice=invoice), outcome)
+    assert starting.reached.wait(30)  # the second charge holds the invoice; the attempts are next
+    declined.go.set()
+    wait_until_someone_waits_for_a_lock()  # the first waits for the invoice
+    starting.go.set()
+    first.join(60)
+    second.join(60)
+
+    assert isinstance(outcome["second"], BillingError), outcome  # attempt 2 was still pending
+    assert "already in progress" in outcome["second"].message
+    assert outcome["first"].status == AttemptStatus.FAILED, outcome
+    assert list(invoice.attempts.values_list("number", "status")) == [
+        (1, AttemptStatus.FAILED),
+        (2, AttemptStatus.FAILED),
+    ]
