@@ -7,7 +7,7 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/billing
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/15
 PORT ?= 8000
 LOAD_SECONDS ?= 300
-LOAD_RATE ?= 40
+LOAD_RATE ?= 400
 
 .PHONY: install run test test-sqlite test-postgres lint bench load soak clean
 

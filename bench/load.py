@@ -1,8 +1,8 @@
 """`make load`: the metering API under a steady loopback load, with its rate limits in force.
 
-Requests go out at a fixed rate (default: the 40 requests/s `make bench` measured for the jobs
-path on this machine, README "Performance"), whatever the answers, from CLIENTS processes that
-take turns: POST jobs then POST jobs/{id}/complete, POST usage/events (10 events a batch; every
+Requests go out at a fixed rate (default 400 requests/s: the jobs path's rate in `make bench` on
+this machine, 369–643 requests/s across runs, README "Performance"), whatever the answers, from
+CLIENTS processes that take turns: POST jobs then POST jobs/{id}/complete, POST usage/events (10 events a batch; every
 tenth batch is sent again, so all of it must come back as duplicates) and GET balance. They go to
 organisations on their plans' own limits:
 
@@ -17,7 +17,7 @@ request may get (201/200/202, 402, 429), no job is left running, every ledger ad
 organisation's credits used equal the credits the answers said were charged. Prints the answers by
 status, p50/p99 latency, and the RSS of each gunicorn worker sampled from start to end.
 
-    python -m bench.load [--seconds 300] [--rate 40]
+    python -m bench.load [--seconds 300] [--rate 400]
 
 `run(server, seconds)` is the same run against a bench.server.bench_server(), for other suites.
 """
@@ -40,8 +40,8 @@ import psycopg
 from bench.client import Connection, HttpError, in_processes, percentile
 from bench.server import Server, bench_server, manage, read_catalog
 
-RATE = 40.0  # requests/s
-CLIENTS = 4
+RATE = 400.0  # requests/s
+CLIENTS = 8
 BATCH = 10  # events a batch
 RESEND_EVERY = 10  # every tenth batch is a resend of the one before
 PRO_RPM, STARTER_RPM = 300, 120  # the plans' limits (DESIGN §2), which the shares below are cut to
