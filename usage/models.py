@@ -122,7 +122,10 @@ class LedgerEntry(models.Model):
     """An append-only change of credits. With a lot, `credits` is the signed change of that lot's
     `remaining`; without one (kind overage) it is credits charged beyond the lots, as a negative."""
 
-    org = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="ledger_entries")
+    # org_id is searched through ledger_by_org, which starts with it
+    org = models.ForeignKey(
+        Organisation, on_delete=models.CASCADE, related_name="ledger_entries", db_index=False
+    )
     lot = models.ForeignKey(
         CreditLot, on_delete=models.PROTECT, null=True, blank=True, related_name="entries"
     )
@@ -130,14 +133,24 @@ class LedgerEntry(models.Model):
     credits = models.BigIntegerField()
     job = models.ForeignKey("Job", on_delete=models.PROTECT, null=True, blank=True, related_name="entries")
     period = models.ForeignKey(
-        BillingPeriod, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+        BillingPeriod, on_delete=models.PROTECT, null=True, blank=True, related_name="+", db_index=False
     )
     reason = models.CharField(max_length=300, blank=True)
-    created_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    created_by = models.ForeignKey(
+        User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+", db_index=False
+    )
     created_at = models.DateTimeField()
 
     class Meta:
-        indexes = [models.Index(fields=["org", "-id"], name="ledger_by_org")]
+        # Every job writes ledger entries, so each index here is paid on the API's hottest path:
+        # the few entries with a period (overage) or an author (staff) are indexed alone.
+        indexes = [
+            models.Index(fields=["org", "-id"], name="ledger_by_org"),
+            models.Index(fields=["period"], condition=Q(period__isnull=False), name="ledger_by_period"),
+            models.Index(
+                fields=["created_by"], condition=Q(created_by__isnull=False), name="ledger_by_author"
+            ),
+        ]
         verbose_name_plural = "ledger entries"
 
     def __str__(self):
@@ -155,8 +168,8 @@ class Job(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     org = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="jobs")
-    product = models.SlugField(max_length=30)
-    mode = models.SlugField(max_length=30)
+    product = models.SlugField(max_length=30, db_index=False)  # never searched alone
+    mode = models.SlugField(max_length=30, db_index=False)
     ocr = models.BooleanField(default=False)
     pages = models.PositiveIntegerField()
     file_type = models.CharField(max_length=10)
@@ -196,10 +209,13 @@ class Job(models.Model):
 class UsageEvent(models.Model):
     """A metered event reported by the API servers; its id counts once per organisation, ever."""
 
-    org = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="usage_events")
+    # org_id is searched through event_id_once_per_org, which starts with it
+    org = models.ForeignKey(
+        Organisation, on_delete=models.CASCADE, related_name="usage_events", db_index=False
+    )
     event_id = models.CharField(max_length=255)
-    product = models.SlugField(max_length=30)
-    mode = models.SlugField(max_length=30)
+    product = models.SlugField(max_length=30, db_index=False)  # never searched alone
+    mode = models.SlugField(max_length=30, db_index=False)
     units = models.PositiveIntegerField()
     credits = models.BigIntegerField()
     timestamp = models.DateTimeField(help_text="The sender's time, kept for the record.")
@@ -215,10 +231,13 @@ class UsageEvent(models.Model):
 class UsageRollup(models.Model):
     """Credits and units charged per organisation, UTC day, product and mode: what charts read."""
 
-    org = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="usage_rollups")
+    # org_id is searched through one_rollup_per_day_and_operation, which starts with it
+    org = models.ForeignKey(
+        Organisation, on_delete=models.CASCADE, related_name="usage_rollups", db_index=False
+    )
     day = models.DateField()
-    product = models.SlugField(max_length=30)
-    mode = models.SlugField(max_length=30)
+    product = models.SlugField(max_length=30, db_index=False)  # never searched alone
+    mode = models.SlugField(max_length=30, db_index=False)
     credits = models.BigIntegerField(default=0)
     units = models.BigIntegerField(default=0)
 
