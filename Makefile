@@ -55,4 +55,4 @@ soak: install
 	$(PY) -m soak.run
 
 clean:
-	rm -rf $(VENV) db.sqlite3* celery-broker.sqlite* test-artifacts staticfiles
+	rm -rf $(VENV) db.sqlite3* celery-broker.sqlite* localstripe-state.pickle* test-artifacts staticfiles

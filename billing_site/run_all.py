@@ -18,12 +18,21 @@ BIN = Path(sys.executable).parent
 
 
 LOCALSTRIPE_PORT = "8420"
+LOCALSTRIPE_STATE = ROOT / "localstripe-state.pickle"  # the demo's customers and cards, kept between runs
 
 
 def parts(port: str) -> dict[str, list[str]]:
     celery = [str(BIN / "celery"), "-A", "billing_site"]
     return {
-        "stripe": [str(BIN / "localstripe"), "--port", LOCALSTRIPE_PORT],
+        "stripe": [
+            sys.executable,
+            "-m",
+            "billing_site.localstripe_server",
+            "--port",
+            LOCALSTRIPE_PORT,
+            "--state",
+            str(LOCALSTRIPE_STATE),
+        ],
         "web": [str(BIN / "gunicorn"), "billing_site.wsgi", "-b", f"127.0.0.1:{port}", "-w", "2"],
         "worker": [*celery, "worker", "--pool", "solo", "--loglevel", "WARNING"],
         "beat": [*celery, "beat", "--loglevel", "WARNING"],

@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 GOOD_CARD = "4242424242424242"
 DECLINING_CARD = "4000000000000341"  # localstripe: attaches, then every charge is declined
@@ -16,12 +15,12 @@ DECLINING_CARD = "4000000000000341"  # localstripe: attaches, then every charge 
 
 @contextlib.contextmanager
 def localstripe_running(startup_seconds: float = 30) -> Iterator[str]:
-    """Starts `localstripe --from-scratch` on a free loopback port, yields its base URL once it
-    answers, and stops it on the way out."""
+    """Starts a fresh localstripe, its state in memory only (billing_site.localstripe_server), on
+    a free loopback port, yields its base URL once it answers, and stops it on the way out."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "localstripe"), "--port", str(port), "--from-scratch"]
+    command = [sys.executable, "-m", "billing_site.localstripe_server", "--port", str(port)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
     base = f"http://127.0.0.1:{port}"
     probe_request = urllib.request.Request(
