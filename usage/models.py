@@ -1,7 +1,7 @@
 """The catalog of operations, the credit ledger (lots + append-only entries), jobs, usage events,
 daily rollups and rate-limit counters.
 
-On PostgreSQL a job's hold and end are PL/pgSQL functions (migration 0006_job_hold_functions) that
+On PostgreSQL a job's hold and end are PL/pgSQL functions (migrations 0006 and 0008) that
 write jobs, lots, ledger entries, accounts, periods and rollups by column name: renaming or dropping
 a column they use needs a new version of them in the same migration.
 """

@@ -11,8 +11,8 @@ releases everything.
 
 The API's hot paths run hand-written SQL through `connection.cursor()`: building the ORM's queries
 cost several times more than running them. On PostgreSQL a job's hold and its end are one call each
-of a PL/pgSQL function (usage_job_start, usage_job_end: migration 0006), one round trip instead of
-eight; on SQLite the same rules run as statements from Python (`_hold_with_statements`,
+of a PL/pgSQL function (usage_job_start, usage_job_end: migrations 0006 and 0008), one round trip
+instead of eight; on SQLite the same rules run as statements from Python (`_hold_with_statements`,
 `_job_end_with_statements`), and the suite runs on both. A batch of usage events is the same few
 statements on both. The rarer writes (grants, expiry, staff adjustments, alerts) use the ORM.
 """
@@ -619,7 +619,7 @@ def _job_end(org_id: int, job_id, status: str, pages: int = 0) -> Job:
     job's own) and returns it; a job that had already ended comes back as it was. 404 when the
     organisation has no such job."""
     now = clock.now()
-    if connection.vendor == "postgresql":  # one statement: usage_job_end (migration 0006)
+    if connection.vendor == "postgresql":  # one statement: usage_job_end (migrations 0006, 0008)
         with planned_cursor() as cursor:
             cursor.execute(
                 f"SELECT {_JOB.sql} FROM usage_job_end("  # noqa: S608 (our columns)
