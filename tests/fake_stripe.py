@@ -8,20 +8,27 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
 
 GOOD_CARD = "4242424242424242"
 DECLINING_CARD = "4000000000000341"  # localstripe: attaches, then every charge is declined
 
 
 @contextlib.contextmanager
-def localstripe_running(startup_seconds: float = 30) -> Iterator[str]:
-    """Starts a fresh localstripe, its state in memory only (billing_site.localstripe_server), on
-    a free loopback port, yields its base URL once it answers, and stops it on the way out."""
+def localstripe_running(
+    startup_seconds: float = 30, state: Path | None = None, stderr: IO | int = subprocess.DEVNULL
+) -> Iterator[str]:
+    """Starts localstripe (billing_site.localstripe_server) on a free loopback port, its state in
+    memory only (a fresh server) or in `state`, yields its base URL once it answers, and stops it
+    on the way out."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "billing_site.localstripe_server", "--port", str(port)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    if state is not None:
+        command += ["--state", str(state)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)  # noqa: S603
     base = f"http://127.0.0.1:{port}"
     probe_request = urllib.request.Request(
         f"{base}/v1/customers", headers={"Authorization": "Bearer sk_test_x"}
