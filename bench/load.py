@@ -2,9 +2,9 @@
 
 Requests go out at a fixed rate (default 400 requests/s: the jobs path's rate in `make bench` on
 this machine, 369–643 requests/s across runs, README "Performance"), whatever the answers, from
-CLIENTS processes that take turns: POST jobs then POST jobs/{id}/complete, POST usage/events (10 events a batch; every
-tenth batch is sent again, so all of it must come back as duplicates) and GET balance. They go to
-organisations on their plans' own limits:
+CLIENTS processes that take turns: POST jobs then POST jobs/{id}/complete, POST usage/events (10
+events a batch; every tenth batch is sent again, so all of it must come back as duplicates) and
+GET balance. They go to organisations on their plans' own limits:
 
 - Pro organisations, each sent 80% of its 300 requests a minute: nothing should be refused;
 - one Starter organisation sent twice its 120 a minute: 429s expected;
