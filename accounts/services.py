@@ -34,7 +34,7 @@ from accounts.models import (
 )
 from billing_site.errors import BillingError, invalid
 from billing_site.money import prorate_cents
-from billing_site.rows import Columns, load_joined, planned_cursor
+from billing_site.rows import Columns, fetch_one_first_in_request, load_joined
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +336,14 @@ def api_key_authenticate(raw: str) -> ApiKey | None:
     """The active key for a secret, with its organisation's subscription, plan and commitment
     loaded; None if the secret is malformed, unknown or revoked. Hashes are compared in constant
     time. One hand-written query (on every API request the ORM's query building cost more than
-    the query); revocation takes effect at the next request. The last-used time is written at most
-    once a minute."""
+    the query), which is also the request's connection health check (fetch_one_first_in_request);
+    revocation takes effect at the next request. The last-used time is written at most once a
+    minute."""
     match = _KEY_PATTERN.match(raw or "")
     if match is None:
         return None
     sql, parts = _api_key_lookup()
-    with planned_cursor() as cursor:
-        cursor.execute(sql, [match.group(1)])
-        row = cursor.fetchone()
+    row = fetch_one_first_in_request(sql, [match.group(1)])
     if row is None:
         return None
     key, org, sub, plan, commitment = load_joined(parts, row)  # commitment None: none yet

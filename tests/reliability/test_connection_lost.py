@@ -2,12 +2,17 @@
 the request's backend half-way through its transaction (events: after the charge and before the
 rollups; a job's start or end: at the call of the PL/pgSQL function that writes it, after the
 request's key and rate-limit work). The caller gets a 5xx in the JSON envelope, nothing of the
-request stays written, and the same request sent again succeeds once."""
+request stays written, and the same request sent again succeeds once.
+
+And lost between two requests: the API-key lookup, which stands in for Django's health check,
+finds the reused connection broken and the request is answered on a new one."""
+
+from unittest import mock
 
 import psycopg
 import pytest
 from django.conf import settings
-from django.db import OperationalError, connection
+from django.db import OperationalError, connection, connections
 from django.test import Client
 
 from tests.conftest import ApiClient
@@ -90,4 +95,49 @@ def test_the_connection_lost_mid_request_is_a_5xx_envelope_and_writes_nothing(pa
     if path.endswith("complete"):
         assert Job.objects.get(pk=job).status == JobStatus.SUCCEEDED
         assert CreditAccount.objects.get(org=org).balance == 40_000 - 30
+    assert_ledger_consistent(org.pk)
+
+
+def _as_a_new_request_starts() -> None:
+    """What Django does at the start of each request (close_old_connections), which the test
+    client skips: a reused connection's health is unknown again."""
+    connection.close_if_unusable_or_obsolete()
+    assert connection.connection is not None and not connection.health_check_done
+
+
+def test_a_metering_request_checks_its_reused_connection_with_the_key_lookup_alone():
+    org = OrgFactory(plan="starter")
+    api = ApiClient(Client(), org.raw_key)
+    assert api.post("jobs", JOB).status_code == 201
+    _as_a_new_request_starts()
+    sent = []
+
+    def log(execute, sql, params, many, context):
+        sent.append(sql)
+        return execute(sql, params, many, context)
+
+    with (
+        mock.patch.object(
+            type(connections["default"]), "is_usable", side_effect=AssertionError("SELECT 1 sent")
+        ),
+        connection.execute_wrapper(log),
+    ):
+        assert api.post("jobs", JOB).status_code == 201
+    assert "WHERE k.prefix = " in sent[0], sent  # the first statement is the key lookup
+
+
+@pytest.mark.parametrize("method, path", [("post", "jobs"), ("get", "balance")])
+def test_a_connection_lost_between_requests_is_replaced_and_the_request_answered(method, path):
+    org = OrgFactory(plan="starter")
+    api = ApiClient(Client(), org.raw_key)
+    assert api.get("balance").status_code == 200
+    before = written(org)
+    _as_a_new_request_starts()
+    _terminate(connection.connection.info.backend_pid)  # e.g. PostgreSQL restarted while idle
+
+    response = api.post(path, JOB) if method == "post" else api.get(path)
+
+    assert response.status_code in (200, 201), response.content
+    if method == "post":
+        assert Job.objects.filter(org=org).count() == len(before[-1]) + 1  # started once
     assert_ledger_consistent(org.pk)
