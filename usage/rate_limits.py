@@ -12,6 +12,7 @@ from functools import cache
 
 from django.conf import settings
 from django.db import connection
+from redis.exceptions import NoScriptError
 
 from usage.models import RateCounter
 
@@ -54,7 +55,11 @@ class RedisCounter:
         self._incr = self.client.register_script(_INCR_EXPIRING)
 
     def incr(self, key: str, window: int) -> int:
-        return int(self._incr(keys=[f"ratelimit:{key}:{window}"], args=[WINDOW_SECONDS * 2]))
+        name, ttl = f"ratelimit:{key}:{window}", WINDOW_SECONDS * 2
+        try:  # EVALSHA itself: redis-py's Script call around it cost a quarter more client CPU
+            return int(self.client.evalsha(self._incr.sha, 1, name, ttl))
+        except NoScriptError:  # a Redis that has not seen the script yet, or restarted: load it
+            return int(self._incr(keys=[name], args=[ttl]))
 
 
 class DatabaseCounter:

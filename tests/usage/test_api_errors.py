@@ -780,3 +780,17 @@ def test_a_redis_window_counts_once_per_request_and_expires_after_two_windows(se
     assert counts == [1, 2, 3]
     ttl = counter.client.ttl(f"ratelimit:org:test-expiry:{window}")
     assert 0 < ttl <= 2 * rate_limits.WINDOW_SECONDS
+
+
+@pytest.mark.postgres  # the PostgreSQL pass runs with Redis
+def test_a_redis_that_lost_its_scripts_still_counts_every_request(settings):
+    """After a Redis restart (or SCRIPT FLUSH) EVALSHA answers NOSCRIPT: the script is loaded again
+    and the request counted once."""
+    counter = rate_limits.RedisCounter(settings.REDIS_URL)
+    window = 123_457
+    counter.client.delete(f"ratelimit:org:test-flush:{window}")
+    assert counter.incr("org:test-flush", window) == 1
+
+    counter.client.script_flush()
+
+    assert [counter.incr("org:test-flush", window) for _ in range(2)] == [2, 3]
