@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 
+import redis
 from django.conf import settings
 from django.db import connection
 from redis.exceptions import NoScriptError
@@ -49,8 +50,6 @@ return count
 
 class RedisCounter:
     def __init__(self, url: str):
-        import redis
-
         self.client = redis.Redis.from_url(url)
         self._incr = self.client.register_script(_INCR_EXPIRING)
 
